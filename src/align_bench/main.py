@@ -1,0 +1,43 @@
+"""Hydra entry point: `python train.py algo=ddpo reward=jpeg_compressibility` (see conf/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from . import REPO_ROOT
+from .config import register_configs
+
+register_configs()
+CONFIG_DIR = str(REPO_ROOT / "conf")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .runner import run
+
+    # The run dir is deterministic (conf/config.yaml: hydra.run.dir / hydra.sweep.subdir), so every accelerate
+    # rank lands in the same one; only rank 0 writes there.
+    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        metrics = run(cfg, run_dir)
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
+        # Configuration and input errors: one line, no traceback (HYDRA_FULL_ERROR=1 shows it).
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    final = metrics["eval"]["final"][cfg.reward.name]
+    return float(final[str(max(int(n) for n in cfg.steps.eval))]["mean"])  # objective for sweepers
+
+
+if __name__ == "__main__":
+    main()

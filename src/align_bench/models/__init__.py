@@ -1,0 +1,3 @@
+from .diffusion import DiffusionModel, MissingCheckpointError, ModelSpec
+
+__all__ = ["DiffusionModel", "MissingCheckpointError", "ModelSpec"]

@@ -1,0 +1,262 @@
+"""Model adapter over diffusers components: the only place that knows how a model family is called.
+
+It owns prompt encoding (incl. CFG's empty-prompt embedding), the UNet call (CFG by batch concatenation
+[uncond; cond], or LCM's guidance embedding), latent decoding, the training noise schedule, the timestep grid
+for N sampling steps, the scheduler step, and LoRA (peft). Device and dtype are handled here and nowhere else.
+
+Shapes: latents (B, C, h, w); prompt_embeds (B, L, D); images (B, 3, H, W) float in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import resolve_path
+from ..core import scheduling
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A real model's weights are not on disk: the message names what to download and where to put it."""
+
+
+@dataclass
+class ModelSpec:
+    """What the adapter needs to know about a family (filled from conf/model/*.yaml)."""
+
+    name: str = "tiny"
+    path: str = "assets/tiny-world/tiny"  # diffusers pipeline directory (or hub id when a hub is reachable)
+    family: str = "sd"  # sd (SD 1.x/2.x, SD-Turbo, tiny) | lcm (embedded guidance) | sdxl
+    timestep_spacing: str = "trailing"
+    steps_offset: int = 0
+    resolution: int | None = None  # None: the UNet's sample_size × VAE factor
+    dtype: str = "fp32"  # frozen weights' dtype; LoRA parameters are always fp32
+    download_hint: str = ""  # printed when `path` is missing
+    extra: dict = field(default_factory=dict)
+
+
+def _check_path(spec: ModelSpec) -> Path:
+    path = resolve_path(spec.path)
+    if not path.exists():
+        hint = spec.download_hint or f"download the diffusers pipeline for model {spec.name!r}"
+        raise MissingCheckpointError(f"model {spec.name!r}: no checkpoint at {path} — {hint}")
+    return path
+
+
+class DiffusionModel:
+    """A text-to-image latent diffusion model behind one interface for every family."""
+
+    def __init__(self, spec: ModelSpec, unet, vae, text_encoder, tokenizer, scheduler_config: dict, device="cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = DTYPES[spec.dtype]
+        self.unet = unet.to(self.device, self.dtype).requires_grad_(False)
+        self.vae = vae.to(self.device, self.dtype).requires_grad_(False).eval()
+        self.text_encoder = text_encoder.to(self.device, self.dtype).requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        T = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        if self.scheduler_config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise ValueError(f"model {spec.name!r}: only the scaled_linear beta schedule is supported")
+        self.alphas_cumprod = scheduling.alphas_cumprod_scaled_linear(
+            T, self.scheduler_config.get("beta_start", 0.00085), self.scheduler_config.get("beta_end", 0.012)
+        ).to(self.device)
+        self.num_train_timesteps = T
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.is_lcm = getattr(unet.config, "time_cond_proj_dim", None) is not None
+        self.vae_scale = float(vae.config.scaling_factor)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._uncond: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, spec: ModelSpec, device="cpu") -> "DiffusionModel":
+        """Load every component with `from_pretrained(path)`, the same path for tiny and real models."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        if spec.family == "sdxl":
+            raise NotImplementedError("SDXL support lands with the real-models issue (two text encoders)")
+        path = _check_path(spec)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer")
+        import json
+
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        return cls(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device)
+
+    # -------------------------------------------------------------------------------------------------- shapes
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def latent_size(self) -> int:
+        if self.spec.resolution:
+            return self.spec.resolution // self.vae_factor
+        return int(self.unet.config.sample_size)
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I), (B, C, h, w), drawn on CPU from `generator` so results match across devices."""
+        shape = (batch, self.latent_channels, self.latent_size, self.latent_size)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """(N,) long timestep grid for N sampling steps on this model's spacing (algorithms.md §1.3)."""
+        if self.is_lcm:
+            grid = scheduling.lcm_timestep_grid(
+                num_steps, int(self.scheduler_config.get("original_inference_steps", 50)), self.num_train_timesteps
+            )
+        else:
+            grid = scheduling.timestep_grid(
+                num_steps, self.spec.timestep_spacing, self.num_train_timesteps, self.spec.steps_offset
+            )
+        return grid.to(self.device)
+
+    def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(N,) t' per step. DDIM: next grid entry, −1 (final ᾱ) at the end. LCM: RLCM's rule, t' = t at the end."""
+        return scheduling.previous_timesteps(timesteps, last=int(timesteps[-1]) if self.is_lcm else -1)
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        # Every reference clamps the last t' to 0 (ᾱ_0, σ > 0); set_alpha_to_one=True would give σ = 0 there.
+        return float(self.alphas_cumprod[0])
+
+    def step(self, model_output, timestep, prev_timestep, sample, *, eta: float, prev_sample=None, noise=None,
+             generator=None, deterministic_last: bool = False) -> scheduling.StepOutput:
+        """Dispatch to the family's pure step kernel (DDIM with η, or LCM)."""
+        if self.is_lcm:
+            return scheduling.lcm_step(
+                model_output, timestep, prev_timestep, sample, self.alphas_cumprod,
+                prediction_type=self.prediction_type,
+                timestep_scaling=float(self.scheduler_config.get("timestep_scaling", 10.0)),
+                deterministic=deterministic_last, prev_sample=prev_sample, noise=noise, generator=generator,
+            )
+        return scheduling.ddim_step(
+            model_output, timestep, prev_timestep, sample, self.alphas_cumprod, eta=eta,
+            final_alpha_cumprod=self.final_alpha_cumprod, prediction_type=self.prediction_type,
+            prev_sample=prev_sample, noise=noise, generator=generator,
+        )
+
+    # ----------------------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder last hidden state, padded to the tokenizer's max length. (B, L, D)."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def uncond_embeds(self, batch: int) -> torch.Tensor:
+        """Embedding of the empty prompt "" (CFG's unconditional branch), cached. (B, L, D)."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.expand(batch, -1, -1)
+
+    def guidance_embedding(self, guidance_scale: float, batch: int) -> torch.Tensor:
+        """LCM's w-embedding: sinusoidal embedding of 1000·(guidance_scale − 1). (B, time_cond_proj_dim)."""
+        dim = int(self.unet.config.time_cond_proj_dim)
+        w = torch.full((batch,), (guidance_scale - 1.0) * 1000.0, dtype=torch.float32)
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        emb = w[:, None] * freqs[None, :]
+        emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+        if dim % 2:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb.to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------------------------------------ UNet call
+    def predict(self, latents, timesteps, prompt_embeds, guidance_scale: float, unet=None) -> torch.Tensor:
+        """Guided model output for x_t. latents (B,C,h,w), timesteps (B,) or scalar, prompt_embeds (B,L,D).
+
+        `unet` is the module to forward through: pass the accelerate-prepared one in every differentiable
+        forward so that DDP arms its gradient reducer (algorithms.md §1.6 pitfall)."""
+        unet = unet if unet is not None else self.unet
+        B = latents.shape[0]
+        t = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(B)
+        if self.is_lcm:
+            cond = self.guidance_embedding(guidance_scale, B)
+            return unet(latents, t, encoder_hidden_states=prompt_embeds, timestep_cond=cond).sample
+        if guidance_scale <= 1.0:
+            return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+        embeds = torch.cat([self.uncond_embeds(B).to(prompt_embeds.dtype), prompt_embeds])
+        out = unet(torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=embeds).sample
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    # -------------------------------------------------------------------------------------------------- decode
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B,C,h,w) → images (B,3,H,W) in [0,1] (differentiable; wrap in no_grad when not needed)."""
+        images = self.vae.decode(latents.to(self.dtype) / self.vae_scale).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---------------------------------------------------------------------------------------------------- LoRA
+    def add_lora(self, rank: int, alpha: float | None = None, targets=LORA_TARGETS, init: str = "gaussian") -> None:
+        """Attach a peft LoRA adapter to the UNet (up-projection zero ⇒ the adapted UNet equals the base at init).
+        Trainable parameters are fp32 whatever the frozen weights' dtype (algorithms.md §1.6)."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init,
+                            target_modules=list(targets))
+        self.unet.add_adapter(config)
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def lora_disabled(self, unet=None):
+        """The frozen initial policy: the same peft UNet with its adapters off (no second UNet in memory)."""
+        unet = _unwrap(unet if unet is not None else self.unet)
+        has_lora = getattr(unet, "_hf_peft_config_loaded", False)
+        if has_lora:
+            unet.disable_adapters()
+        try:
+            yield
+        finally:
+            if has_lora:
+                unet.enable_adapters()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights in diffusers' key format (what `pipe.load_lora_weights(dir)` reads)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(self.unet)))
+
+    def save_lora(self, directory: str | Path) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(),
+                                                  safe_serialization=True)
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load LoRA weights written by `save_lora` into the already-attached adapter (resume)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(directory) / "pytorch_lora_weights.safetensors"))
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(_unwrap(self.unet), convert_unet_state_dict_to_peft(state))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"LoRA checkpoint {directory} has unexpected keys: {result.unexpected_keys[:5]}")
+
+
+def _unwrap(module):
+    """The module inside DDP / accelerate / torch.compile wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+    return module
