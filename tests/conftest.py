@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-weight pipelines saved to a temp dir (loaded through the real from_pretrained
+path), and Hydra composition of the real conf/ tree."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def random_pipeline_dir(tmp_path_factory):
+    """A random SD-style pipeline (DDIM, trailing spacing), latents 4×8×8, images 16×16."""
+    from align_bench.models.testing import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("random_sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def random_lcm_dir(tmp_path_factory):
+    """A random LCM-style pipeline (guidance embedding, LCMScheduler)."""
+    from align_bench.models.testing import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("random_lcm") / "pipe", lcm=True)
+
+
+@pytest.fixture
+def load_model():
+    from align_bench.models import DiffusionModel, ModelSpec
+
+    def _load(path, **spec_kwargs):
+        return DiffusionModel.from_pretrained(ModelSpec(path=str(path), **spec_kwargs))
+
+    return _load
+
+
+def compose(overrides: list[str]):
+    """Compose conf/config.yaml with overrides, exactly as `python train.py <overrides>` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from align_bench.main import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+# Overrides that make a whole run take seconds on the random pipeline.
+FAST_RUN = [
+    "reward=jpeg_compressibility", "prompts=simple_animals", "prompts.eval_max_prompts=2",
+    "prompts.eval_seeds_per_prompt=1", "steps.train=3", "steps.eval=[1,2]", "logger=quiet",
+    "logger.save_images=false", "logger.plots=false",
+]
