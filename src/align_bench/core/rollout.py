@@ -109,6 +109,7 @@ def rollout(
     grad_from_step: int | None = None,
     gradient_checkpointing: bool = False,
     step_hook: StepHook | None = None,
+    checkpoint_decode: bool = False,
 ) -> Trajectory:
     """Sample B trajectories of N steps, recording what every algorithm needs.
 
@@ -116,6 +117,9 @@ def rollout(
     grad_from_step: None ⇒ everything under no_grad (the RL algorithms). b ⇒ steps k ≥ b and the decode run with
         grad (AlignProp's truncated backprop; earlier steps are no-grad and their output detached).
     gradient_checkpointing: recompute each grad-enabled UNet call in backward (activation memory of one call).
+    checkpoint_decode: with grad, also recompute the VAE decode in backward (at 512² the decoder's activations
+        exceed one UNet call's; off by default, as in AlignProp's reference).
+    With grad the returned `final_latents` and `images` carry the graph; every other field is detached.
     Noise for the η-steps is drawn on CPU from `generator` so a seed gives the same samples on any device.
     """
     B = len(prompts)
@@ -156,7 +160,10 @@ def rollout(
     images = None
     if decode:
         with torch.set_grad_enabled(grad_from_step is not None):
-            images = model.decode(final)
+            if grad_from_step is not None and checkpoint_decode and final.requires_grad:
+                images = checkpoint(model.decode, final, use_reentrant=False)
+            else:
+                images = model.decode(final)
     return Trajectory(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds.detach(),
