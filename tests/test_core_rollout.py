@@ -1,0 +1,142 @@
+"""Rollout, log-prob recomputation, LoRA and the model adapter on random-weight pipelines."""
+
+import pytest
+import torch
+
+from align_bench.core.rollout import Trajectory, rollout, step_log_prob
+
+
+def _perturb_lora(model, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_rollout_shapes_and_recomputed_log_prob_is_exact(random_pipeline_dir, load_model):
+    model = load_model(random_pipeline_dir)
+    model.add_lora(4, 4)
+    _perturb_lora(model)
+    traj = rollout(model, ["a cat", "a dog", "a cow"], num_steps=4, eta=1.0, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), keep_x0_preds=True)
+    B, N = 3, 4
+    assert traj.latents.shape == (B, N, 4, 8, 8) and traj.next_latents.shape == (B, N, 4, 8, 8)
+    assert traj.log_probs.shape == (B, N) and traj.timesteps.shape == (B, N)
+    assert traj.images.shape == (B, 3, 16, 16) and 0 <= traj.images.min() and traj.images.max() <= 1
+    assert traj.timesteps[0].tolist() == [999, 749, 499, 249]
+    assert traj.prev_timesteps[0].tolist() == [749, 499, 249, -1]
+    assert torch.equal(traj.latents[:, 1:], traj.next_latents[:, :-1])
+    with torch.no_grad():
+        for k in range(N):
+            out = step_log_prob(model, traj.latents[:, k], traj.next_latents[:, k], traj.timesteps[:, k],
+                                traj.prev_timesteps[:, k], traj.prompt_embeds, eta=1.0, guidance_scale=5.0)
+            assert torch.equal(out.log_prob, traj.log_probs[:, k]), k  # ratio exactly 1 with unchanged weights
+
+
+def test_eta_zero_rejected_for_log_probs(random_pipeline_dir, load_model):
+    model = load_model(random_pipeline_dir)
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        step_log_prob(model, x, x, torch.tensor([999]), torch.tensor([-1]), model.encode_prompts(["a"]), eta=0.0,
+                      guidance_scale=1.0)
+
+
+def test_shared_initial_noise_and_seeding(random_pipeline_dir, load_model):
+    model = load_model(random_pipeline_dir)
+    x_T = model.initial_noise(2, torch.Generator().manual_seed(3))
+    a = rollout(model, ["a", "b"], num_steps=2, eta=1.0, guidance_scale=1.0, initial_noise=x_T,
+                generator=torch.Generator().manual_seed(1))
+    b = rollout(model, ["a", "b"], num_steps=2, eta=1.0, guidance_scale=1.0, initial_noise=x_T,
+                generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.latents[:, 0], b.latents[:, 0])  # the pair shares x_T ...
+    assert not torch.equal(a.next_latents[:, 0], b.next_latents[:, 0])  # ... and diverges through the η-noise
+    c = rollout(model, ["a", "b"], num_steps=2, eta=1.0, guidance_scale=1.0, initial_noise=x_T,
+                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.images, c.images)
+
+
+def test_trajectory_select_cat_and_step_reorder(random_pipeline_dir, load_model):
+    model = load_model(random_pipeline_dir)
+    traj = rollout(model, ["a", "b", "c"], num_steps=3, eta=1.0, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    sub = traj.select([2, 0])
+    assert sub.prompts == ["c", "a"] and torch.equal(sub.latents[0], traj.latents[2])
+    both = Trajectory.cat([sub, traj.select(slice(1, 2))])
+    assert both.prompts == ["c", "a", "b"]
+    order = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    re = traj.with_steps(order)
+    assert re.timesteps.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            assert re.timesteps[i, j] == traj.timesteps[i, order[i, j]]
+            assert torch.equal(re.latents[i, j], traj.latents[i, order[i, j]])
+            assert re.log_probs[i, j] == traj.log_probs[i, order[i, j]]
+
+
+def test_lcm_rollout_decodes_last_denoised(random_lcm_dir, load_model):
+    model = load_model(random_lcm_dir)
+    assert model.is_lcm
+    traj = rollout(model, ["a", "b"], num_steps=4, eta=1.0, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), keep_x0_preds=True)
+    assert traj.timesteps[0].tolist() == [999, 759, 519, 279]
+    assert traj.prev_timesteps[0].tolist() == [759, 519, 279, 279]  # RLCM: re-noise to the last level
+    torch.testing.assert_close(traj.final_latents, traj.x0_preds[:, -1])
+    with torch.no_grad():
+        out = step_log_prob(model, traj.latents[:, 2], traj.next_latents[:, 2], traj.timesteps[:, 2],
+                            traj.prev_timesteps[:, 2], traj.prompt_embeds, eta=1.0, guidance_scale=5.0)
+    assert torch.equal(out.log_prob, traj.log_probs[:, 2])
+    one = rollout(model, ["a"], num_steps=1, eta=1.0, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(one.next_latents[:, 0], one.final_latents)  # 1 step: d itself, no noise
+
+
+def test_lora_disabled_is_the_base_model(random_pipeline_dir, load_model):
+    model = load_model(random_pipeline_dir)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    emb = model.encode_prompts(["a", "b"])
+    with torch.no_grad():
+        base = model.predict(x, t, emb, 5.0)
+        model.add_lora(4, 4)
+        assert torch.equal(model.predict(x, t, emb, 5.0), base)  # LoRA up-projection starts at zero
+        _perturb_lora(model)
+        assert not torch.allclose(model.predict(x, t, emb, 5.0), base)
+        with model.lora_disabled():
+            assert torch.equal(model.predict(x, t, emb, 5.0), base)
+    assert all(p.dtype == torch.float32 for p in model.lora_parameters()) and model.lora_parameters()
+
+
+def test_lora_round_trip_into_stock_diffusers_pipeline(random_pipeline_dir, load_model, tmp_path):
+    """Saved LoRA loads into a stock StableDiffusionPipeline with load_lora_weights and gives identical images."""
+    from diffusers import StableDiffusionPipeline
+
+    model = load_model(random_pipeline_dir)
+    model.add_lora(4, 4)
+    _perturb_lora(model, scale=1.0)
+    model.save_lora(tmp_path / "lora")
+
+    def images(pipe):
+        return pipe(["a red circle"], num_inference_steps=3, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    ours = StableDiffusionPipeline.from_pretrained(random_pipeline_dir)
+    ours.unet = model.unet
+    stock = StableDiffusionPipeline.from_pretrained(random_pipeline_dir)
+    base_images = images(stock)
+    stock.load_lora_weights(tmp_path / "lora")
+    torch.testing.assert_close(images(stock), images(ours), atol=1e-5, rtol=1e-5)
+    assert (images(stock) - base_images).abs().max() > 1e-3  # the LoRA really changes the images
+
+    fresh = load_model(random_pipeline_dir)  # resume path: load back into a new adapter
+    fresh.add_lora(4, 4)
+    fresh.load_lora(tmp_path / "lora")
+    for (n1, p1), (n2, p2) in zip(model.unet.named_parameters(), fresh.unet.named_parameters()):
+        if "lora" in n1:
+            assert torch.equal(p1, p2), n1
+
+
+def test_missing_checkpoint_names_what_to_download(tmp_path):
+    from align_bench.models import DiffusionModel, MissingCheckpointError, ModelSpec
+
+    with pytest.raises(MissingCheckpointError, match="download the diffusers pipeline foo"):
+        DiffusionModel.from_pretrained(ModelSpec(name="x", path=str(tmp_path / "nope"),
+                                                 download_hint="download the diffusers pipeline foo"))
