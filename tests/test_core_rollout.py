@@ -140,3 +140,11 @@ def test_missing_checkpoint_names_what_to_download(tmp_path):
     with pytest.raises(MissingCheckpointError, match="download the diffusers pipeline foo"):
         DiffusionModel.from_pretrained(ModelSpec(name="x", path=str(tmp_path / "nope"),
                                                  download_hint="download the diffusers pipeline foo"))
+
+
+def test_missing_hub_model_offline_names_the_download():
+    from align_bench.models import DiffusionModel, MissingCheckpointError, ModelSpec
+
+    with pytest.raises(MissingCheckpointError, match="not in the Hugging Face cache.*huggingface-cli download"):
+        DiffusionModel.from_pretrained(ModelSpec(name="sd15", path="nobody/not-a-model",
+                                                 download_hint="huggingface-cli download nobody/not-a-model"))

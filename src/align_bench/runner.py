@@ -112,6 +112,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     t_start = time.time()
     validate(cfg)
+    _quiet_libraries()
     algo = get_algorithm(cfg.algo.name)
     run_dir = Path(run_dir)
     accelerator = Accelerator(
@@ -221,6 +222,15 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars (weight loading) would drown ours; their warnings stay."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _fmt(summary: dict) -> str:

@@ -42,11 +42,24 @@ class ModelSpec:
 
 
 def _check_path(spec: ModelSpec) -> Path:
+    """A local pipeline directory: the path itself, or a hub id found in the local HF cache (downloaded first
+    unless HF_HUB_OFFLINE=1). Anything else is a MissingCheckpointError naming what to download — never a fallback."""
+    import os
+
     path = resolve_path(spec.path)
-    if not path.exists():
-        hint = spec.download_hint or f"download the diffusers pipeline for model {spec.name!r}"
-        raise MissingCheckpointError(f"model {spec.name!r}: no checkpoint at {path} — {hint}")
-    return path
+    if path.is_dir():
+        return path
+    hint = spec.download_hint or f"download the diffusers pipeline for model {spec.name!r}"
+    if spec.path.count("/") == 1 and not spec.path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            return Path(snapshot_download(spec.path, local_files_only=offline))
+        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
+            raise MissingCheckpointError(f"model {spec.name!r}: {spec.path} is neither a local directory nor in "
+                                         f"the Hugging Face cache ({type(e).__name__}) — {hint}") from None
+    raise MissingCheckpointError(f"model {spec.name!r}: no checkpoint at {path} — {hint}")
 
 
 class DiffusionModel:
@@ -56,9 +69,9 @@ class DiffusionModel:
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = DTYPES[spec.dtype]
-        self.unet = unet.to(self.device, self.dtype).requires_grad_(False)
-        self.vae = vae.to(self.device, self.dtype).requires_grad_(False).eval()
-        self.text_encoder = text_encoder.to(self.device, self.dtype).requires_grad_(False).eval()
+        self.unet = _to(unet, self.device, self.dtype).requires_grad_(False)
+        self.vae = _to(vae, self.device, self.dtype).requires_grad_(False).eval()
+        self.text_encoder = _to(text_encoder, self.device, self.dtype).requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         T = int(self.scheduler_config.get("num_train_timesteps", 1000))
@@ -84,9 +97,10 @@ class DiffusionModel:
         if spec.family == "sdxl":
             raise NotImplementedError("SDXL support lands with the real-models issue (two text encoders)")
         path = _check_path(spec)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        dtype = DTYPES[spec.dtype]
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer")
         import json
 
@@ -253,6 +267,13 @@ class DiffusionModel:
         result = set_peft_model_state_dict(_unwrap(self.unet), convert_unet_state_dict_to_peft(state))
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"LoRA checkpoint {directory} has unexpected keys: {result.unexpected_keys[:5]}")
+
+
+def _to(module, device, dtype):
+    """Move to device; cast only when needed (diffusers warns on redundant dtype casts)."""
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device)
 
 
 def _unwrap(module):

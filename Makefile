@@ -1,0 +1,33 @@
+# align_bench — `make demo` and `make test` work on a fresh machine with Python ≥ 3.10 and nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast tiny-world bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create the virtual environment and install align_bench with its test dependencies
+
+demo: $(STAMP)  ## DDPO on the embedded tiny world (a few minutes on a laptop CPU); prints the eval table
+	$(PY) train.py experiment=tiny_ddpo
+
+test: $(STAMP)  ## the whole test suite (< 15 minutes on 2 CPU cores)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## everything but the end-to-end training runs
+	$(PY) -m pytest -q -m "not slow"
+
+tiny-world: $(STAMP)  ## rebuild the embedded tiny world from scratch (fixed seeds, ≤ 60 min on 2 CPU cores)
+	$(PY) -m align_bench.tiny.build --out assets/tiny-world
+
+bench: $(STAMP)  ## speed and memory measurements (not tests)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs multirun outputs .pytest_cache
