@@ -145,6 +145,6 @@ def test_missing_checkpoint_names_what_to_download(tmp_path):
 def test_missing_hub_model_offline_names_the_download():
     from align_bench.models import DiffusionModel, MissingCheckpointError, ModelSpec
 
-    with pytest.raises(MissingCheckpointError, match="not in the Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(MissingCheckpointError, match="nor in the Hugging Face cache.*huggingface-cli download"):
         DiffusionModel.from_pretrained(ModelSpec(name="sd15", path="nobody/not-a-model",
                                                  download_hint="huggingface-cli download nobody/not-a-model"))
