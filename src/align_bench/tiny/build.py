@@ -1,0 +1,211 @@
+"""Build the whole tiny world from scratch: ``python -m align_bench.tiny.build --out assets/tiny-world``.
+
+Stages (fixed seeds, step budgets, 2 threads): render a data pool → tokenizer + tiny CLIP → VAE → aesthetic head
+→ UNet with jointly fine-tuned text tower (``tiny``) → LCM distillation (``tiny-lcm``) → quality evaluation →
+model cards. ``--smoke`` runs every stage at a tiny budget in seconds (into a temporary directory unless
+``--out`` is given). Progress bars go to stderr, a log to ``<out>/build.log``.
+
+Layout written::
+
+    <out>/clip/        CLIPModel (config.json, model.safetensors) + tokenizer (tokenizer.json, …), README.md
+    <out>/aesthetic/   AestheticHead (config.json, model.safetensors), README.md
+    <out>/tiny/        StableDiffusionPipeline (DDIMScheduler trailing), README.md
+    <out>/tiny-lcm/    LatentConsistencyModelPipeline (LCMScheduler), README.md
+    <out>/metrics.json quality numbers (from ``align_bench.tiny.evaluate``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import train
+from .models import ddim_scheduler, lcm_scheduler
+from .tokenizer import build_tokenizer
+
+log = logging.getLogger("align_bench.tiny")
+
+FULL = dict(pool=40000, clip_steps=1500, clip_bs=256, vae_steps=1500, vae_bs=64, head_pool=20000, head_steps=1500,
+            unet_steps=3000, unet_bs=64, lcm_steps=800, lcm_bs=64, eval_n=4)
+SMOKE = dict(pool=256, clip_steps=3, clip_bs=32, vae_steps=3, vae_bs=16, head_pool=256, head_steps=3,
+             unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, eval_n=1)
+
+
+def save_tiny_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+def save_lcm_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          scheduler=lcm_scheduler(), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+def _setup_logging(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    fh = logging.FileHandler(out / "build.log", mode="w")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("[tiny-world] %(message)s"))
+    log.addHandler(sh)
+
+
+def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str = "all", resume: bool = False,
+          checkpoint_every: int = 0,
+          command: str = "python -m align_bench.tiny.build --out assets/tiny-world") -> dict:
+    """Run every stage; returns the timings (seconds) per stage. ``stages``: "all" or "base" (no LCM).
+    ``resume``: reuse the clip / VAE / aesthetic / tiny artifacts already in ``out`` (same seeds ⇒ same result)."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormals make CPU convolutions crawl
+    _setup_logging(out)
+    log.info("build into %s with budget %s seed %d threads %d", out, budget, seed, threads)
+    times: dict[str, float] = {}
+    t0 = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        times[name] = round(time.time() - t0, 1)
+        log.info("stage %s done in %.1f s", name, times[name])
+        t0 = time.time()
+
+    images, captions, _ = train.make_pool(budget["pool"], seed)
+    lap("render")
+
+    tokenizer = build_tokenizer()
+    clip_dir = out / "clip"
+    if resume and (clip_dir / "model.safetensors").is_file():
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(str(clip_dir)).eval()
+        log.info("resume: loaded %s", clip_dir)
+    else:
+        clip = train.train_clip(tokenizer, budget["clip_steps"], budget["clip_bs"], seed=seed + 1)
+        clip.save_pretrained(str(clip_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(clip_dir))
+    lap("clip")
+
+    vae_dir = out / "_stage_vae"  # intermediate (removed at the end): lets --resume skip the VAE
+    if resume and (vae_dir / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        log.info("resume: loaded %s", vae_dir)
+    else:
+        vae = train.train_vae(images, budget["vae_steps"], budget["vae_bs"], seed=seed + 2)
+        vae.save_pretrained(str(vae_dir), safe_serialization=True)
+    lap("vae")
+
+    if not (resume and (out / "aesthetic" / "model.safetensors").is_file()):
+        head_imgs, _, _ = train.make_pool(budget["head_pool"], seed + 3)
+        head, head_metrics = train.train_aesthetic(clip, head_imgs, budget["head_steps"], seed=seed + 3)
+        head.save(out / "aesthetic", extra={"clip": "../clip", "metrics": head_metrics})
+    lap("aesthetic")
+
+    mean, std = train.encode_latents(vae, images, return_std=True)
+    if resume and (out / "tiny" / "model_index.json").is_file() and not (out / "tiny" / ".partial").exists():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(out / "tiny"), subfolder="unet").eval()
+        text_encoder = CLIPTextModel.from_pretrained(str(out / "tiny"), subfolder="text_encoder").eval()
+        log.info("resume: loaded %s", out / "tiny")
+    else:
+        unet, text_encoder = train.train_unet(mean, std, captions, tokenizer, _text_tower(clip),
+                                              vae.config.scaling_factor, budget["unet_steps"], budget["unet_bs"],
+                                              seed=seed + 4, checkpoint_every=checkpoint_every,
+                                              on_checkpoint=lambda u, te, step: (
+                                                  save_tiny_pipeline(out / "tiny", vae, te, tokenizer, u),
+                                                  (out / "tiny" / ".partial").touch(),
+                                                  log.info("checkpoint: %s at unet step %d", out / "tiny", step)))
+        save_tiny_pipeline(out / "tiny", vae, text_encoder, tokenizer, unet)
+        (out / "tiny" / ".partial").unlink(missing_ok=True)
+    lap("unet")
+
+    if stages == "all":
+        lcm = train.distill_lcm(unet, text_encoder, mean, std, captions, tokenizer, vae.config.scaling_factor,
+                                budget["lcm_steps"], budget["lcm_bs"], seed=seed + 5)
+        save_lcm_pipeline(out / "tiny-lcm", vae, text_encoder, tokenizer, lcm)
+        lap("lcm")
+    shutil.rmtree(vae_dir, ignore_errors=True)
+
+    (out / "build_times.json").write_text(json.dumps({"budget": budget, "seconds": times}, indent=2))
+    from . import evaluate
+
+    metrics = evaluate.evaluate_all(out, n_per_prompt=budget["eval_n"], lcm=(stages == "all"),
+                                    quick=budget["eval_n"] <= 1)
+    metrics["build_seconds"] = times
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    lap("evaluate")
+    evaluate.write_model_cards(out, metrics, budget, command)
+    log.info("build finished: %s", json.dumps(times))
+    return times
+
+
+def _text_tower(clip):
+    """The CLIPModel's text tower as a standalone ``CLIPTextModel`` (same weights)."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(clip.config.text_config)
+    te.load_state_dict(clip.text_model.state_dict())
+    return te.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="output directory (default assets/tiny-world; a temp dir with "
+                                                "--smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget, seconds: exercises every code path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stages", choices=["all", "base"], default="all")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (quick experiments)")
+    ap.add_argument("--resume", action="store_true", help="reuse finished stages found in --out")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="save the tiny pipeline every N UNet steps")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help="override budget entries")
+    args = ap.parse_args(argv)
+    budget = dict(SMOKE if args.smoke else FULL)
+    for kv in args.set:
+        k, v = kv.split("=")
+        if k not in budget:
+            raise SystemExit(f"unknown budget key {k!r}; keys: {sorted(budget)}")
+        budget[k] = int(v)
+    if args.scale != 1.0:
+        for k in budget:
+            if k.endswith("_steps"):
+                budget[k] = max(1, int(budget[k] * args.scale))
+    tmp = None
+    if args.out is None:
+        out = Path(tempfile.mkdtemp(prefix="tiny-world-smoke-")) if args.smoke else Path("assets/tiny-world")
+        tmp = out if args.smoke else None
+    else:
+        out = Path(args.out)
+    cmd = "python -m align_bench.tiny.build " + " ".join(argv if argv is not None else sys.argv[1:])
+    build(out, budget, seed=args.seed, threads=args.threads, stages=args.stages, resume=args.resume, checkpoint_every=args.checkpoint_every,
+          command=cmd.strip())
+    print(f"tiny world written to {out}")
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
