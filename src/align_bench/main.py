@@ -7,12 +7,15 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import REPO_ROOT
 from .config import register_configs
 
 register_configs()
+# `${or:a,b}` = a unless it is null (oc.select returns a null value as is); used by hydra.run.dir.
+if not OmegaConf.has_resolver("or"):
+    OmegaConf.register_new_resolver("or", lambda a, b: b if a is None else a)
 CONFIG_DIR = str(REPO_ROOT / "conf")
 
 

@@ -118,7 +118,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=algo.gradient_accumulation_steps(cfg),
-        cpu=cfg.device == "cpu",
+        # Without CUDA, cpu=True lets torchrun/accelerate-launched processes form a gloo (MULTI_CPU) group.
+        cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
     )
     main = accelerator.is_main_process
     if main:
@@ -201,6 +202,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             _write_metrics(run_dir, metrics, cfg, t_start, ctx)
 
     metrics["eval"]["final"] = run_eval("final")
+    ctx.counters["lora_in_sync"] = _lora_in_sync(ctx)
     if main:
         model.save_lora(run_dir / "lora")
         _write_metrics(run_dir, metrics, cfg, t_start, ctx)
@@ -222,6 +224,20 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def _lora_in_sync(ctx: RunContext) -> bool:
+    """True iff every process ends with identical LoRA weights — i.e. gradients were all-reduced (the references'
+    unwrapped-UNet forward silently breaks this under DDP; algorithms.md §1.6)."""
+    acc = ctx.accelerator
+    if acc.num_processes == 1:
+        return True
+    flat = torch.cat([p.detach().float().flatten() for p in ctx.model.lora_parameters()])
+    everyone = acc.gather(flat.unsqueeze(0).to(acc.device))  # (processes, P)
+    in_sync = bool(torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=0, atol=1e-6))
+    if not in_sync:
+        log.error("LoRA weights differ between processes: gradients were not synchronised")
+    return in_sync
 
 
 def _quiet_libraries() -> None:
