@@ -217,3 +217,16 @@ def test_ddpo_and_rebel_compose_with_the_real_lcm_config():
         cfg = compose([f"algo={algo}", "model=lcm", "steps.train=8"])
         validate(cfg)
         assert cfg.model.family == "lcm" and cfg.model.guidance_scale == 8.0
+
+
+@pytest.mark.parametrize("preset", ["d3po_sd15_compressibility", "d3po_sd15_incompressibility",
+                                    "rebel_lcm_compressibility", "rebel_lcm_incompressibility",
+                                    "ddpo_lcm_compressibility", "ddpo_lcm_incompressibility"])
+def test_reference_presets_compose_and_validate(preset):
+    from align_bench.runner import validate
+
+    cfg = compose([f"experiment={preset}"])
+    validate(cfg)
+    assert cfg.experiment == preset and cfg.mixed_precision == "fp16"
+    algo = preset.split("_")[0]
+    assert cfg.algo.name == algo and int(cfg.steps.train) == (20 if algo == "d3po" else 8)

@@ -125,6 +125,8 @@ def validate(cfg) -> None:
         raise ValueError("d3po needs a stochastic sampler for log-probabilities: algo.sample.eta must be > 0")
     if cfg.model.family == "lcm" and int(cfg.steps.train) < 2:
         raise ValueError("d3po on an LCM needs steps.train ≥ 2: a 1-step LCM sample is deterministic (no policy)")
+    if cfg.model.family == "lcm" and not t.cfg:
+        raise ValueError("d3po on an LCM needs algo.train.cfg=true: its guidance embedding is part of the sampled policy")
     if t.beta <= 0:
         raise ValueError(f"algo.train.beta must be > 0, got {t.beta}")
     if not 0 < t.eps < 1:

@@ -111,6 +111,8 @@ def validate(cfg) -> None:
         raise ValueError("rebel needs a stochastic sampler for log-probabilities: algo.sample.eta must be > 0")
     if cfg.model.family == "lcm" and int(cfg.steps.train) < 2:
         raise ValueError("rebel on an LCM needs steps.train ≥ 2: a 1-step LCM sample is deterministic (no policy)")
+    if cfg.model.family == "lcm" and not t.cfg:
+        raise ValueError("rebel on an LCM needs algo.train.cfg=true: its guidance embedding is part of the sampled policy")
     if t.rebel_lr <= 0:
         raise ValueError(f"algo.train.rebel_lr (1/η) must be > 0, got {t.rebel_lr}")
     if s.batch_size % t.batch_size:
