@@ -248,8 +248,11 @@ def check_memory(ctx) -> dict:
     N, B = int(cfg.steps.train), int(algo.sample.batch_size)
     K = max_backprop_steps(N, algo.backprop)
     ckpt = bool(algo.train.gradient_checkpointing)
+    # Probe through the bare UNet (same weights): a forward through the DDP wrapper without a backward would
+    # leave its reducer expecting one.
     per_sample = probe_per_sample_bytes(
-        ctx.model, ctx.reward_fn, ctx.prompt_sampler.prompts[0], guidance_scale=ctx.guidance_scale, eta=float(algo.sample.eta), unet=ctx.unet,
+        ctx.model, ctx.reward_fn, ctx.prompt_sampler.prompts[0], guidance_scale=ctx.guidance_scale,
+        eta=float(algo.sample.eta),
         double_denormalize=bool(algo.reference_double_denormalize),
         checkpoint_decoder=bool(algo.train.checkpoint_decoder))
     need = estimate_activation_bytes(B, K, ckpt, per_sample)
