@@ -61,7 +61,6 @@ def test_sample_label_train_round_trip(random_pipeline_dir, load_model, tmp_path
     assert first["optimizer_steps"] == 6  # one step per pair
     assert abs(first["loss"] - 0.6931) < 1e-3
 
-    bad = compose(["algo=d3po", *overrides, "steps.train=2", f"algo.human.data_dir={data}",
-                   f"algo.human.labels=[{data / 'filled.csv'}]"])
+    bad = compose(["algo=d3po", *overrides, "steps.train=2"])
     with pytest.raises(ValueError, match="other settings"):
-        run(bad, tmp_path / "run2")
+        hf.load_pairs(data, [str(data / "filled.csv")], model, bad)
