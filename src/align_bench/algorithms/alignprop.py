@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..config import AlgoSchema, OptimSchema, SampleSchema
@@ -232,7 +233,7 @@ def probe_per_sample_bytes(model, reward_fn, prompt: str, *, guidance_scale: flo
     latents = model.initial_noise(1, gen).requires_grad_(True)  # stands in for a grad-carrying final latent
 
     def tail():
-        images = (torch.utils.checkpoint.checkpoint(model.decode, latents, use_reentrant=False)
+        images = (checkpoint(model.decode, latents, use_reentrant=False)
                   if checkpoint_decoder else model.decode(latents))
         return reward_fn(reward_input(images, double_denormalize), [prompt])[0]
 
