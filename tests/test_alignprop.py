@@ -258,9 +258,15 @@ def _tiny_world_ready() -> bool:
 def test_tiny_run_raises_eval_reward(tmp_path):
     from align_bench.runner import run
 
+    # The preset, shortened: 12 optimizer steps of 8 images, paired eval (same prompts and seeds) at 8 steps.
     cfg = compose(["experiment=tiny_alignprop", "logger=quiet", "logger.save_images=false", "logger.plots=false",
-                   "algo.num_epochs=8", "steps.eval=[8]", f"run_dir={tmp_path}"])
-    m = run(cfg, tmp_path)
+                   "algo.num_epochs=12", "steps.eval=[8]", "prompts.eval_max_prompts=8", f"run_dir={tmp_path}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 OpenMP threads run ~10× slower than 1 (spin-waits)
+    try:
+        m = run(cfg, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
     base = m["eval"]["base"]["tiny_aesthetic"]
     final = m["eval"]["final"]["tiny_aesthetic"]
     n = max(base, key=lambda k: int(k))
