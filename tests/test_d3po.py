@@ -202,3 +202,26 @@ def test_end_to_end_on_random_lcm(random_lcm_dir, tmp_path):
                    "device=cpu", "algo.sample.batch_size=2", "algo.sample.num_batches_per_epoch=1"])
     metrics = run(cfg, tmp_path / "run")
     assert metrics["train"][0]["optimizer_steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ tiny world
+def _tiny_world_missing() -> bool:
+    from align_bench import resolve_path
+
+    return not all((resolve_path("assets/tiny-world") / d / "model_index.json").is_file() for d in ("tiny",))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_tiny_world_missing(), reason="tiny world not built (make tiny-world)")
+def test_short_tiny_run_raises_the_eval_reward(tmp_path):
+    """A shortened tiny_d3po (same hyper-parameters, fewer epochs, a smaller eval set) on tiny + tiny_aesthetic."""
+    from align_bench.runner import run
+
+    cfg = compose(["experiment=tiny_d3po", *TINY_SHORT])
+    metrics = run(cfg, tmp_path / "run")
+    base, final = (metrics["eval"][k]["tiny_aesthetic"]["8"]["mean"] for k in ("base", "final"))
+    assert final > base + 0.05, (base, final)
+
+
+TINY_SHORT = ["algo.num_epochs=4", "prompts.eval_max_prompts=8", "steps.eval=[8]", "logger=quiet",
+              "logger.save_images=false", "logger.plots=false", "device=cpu"]

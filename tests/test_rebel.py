@@ -230,3 +230,23 @@ def test_reference_presets_compose_and_validate(preset):
     assert cfg.experiment == preset and cfg.mixed_precision == "fp16"
     algo = preset.split("_")[0]
     assert cfg.algo.name == algo and int(cfg.steps.train) == (20 if algo == "d3po" else 8)
+
+
+# ------------------------------------------------------------------------------------------------ tiny world
+def _tiny_lcm_missing() -> bool:
+    from align_bench import resolve_path
+
+    return not (resolve_path("assets/tiny-world") / "tiny-lcm" / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_tiny_lcm_missing(), reason="tiny world not built (make tiny-world)")
+def test_short_tiny_run_raises_the_eval_reward(tmp_path):
+    """A shortened tiny_rebel (same hyper-parameters, fewer epochs, a smaller eval set) on tiny-lcm + tiny_aesthetic."""
+    from align_bench.runner import run
+
+    cfg = compose(["experiment=tiny_rebel", "algo.num_epochs=4", "prompts.eval_max_prompts=8", "steps.eval=[8]",
+                   "logger=quiet", "logger.save_images=false", "logger.plots=false", "device=cpu"])
+    metrics = run(cfg, tmp_path / "run")
+    base, final = (metrics["eval"][k]["tiny_aesthetic"]["8"]["mean"] for k in ("base", "final"))
+    assert final > base + 0.05, (base, final)
