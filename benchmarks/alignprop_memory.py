@@ -7,6 +7,7 @@ leave RSS). Next to each measurement: the estimate that AlignProp's memory guard
     .venv/bin/python benchmarks/alignprop_memory.py                      # tiny world if built, else a random SD
     .venv/bin/python benchmarks/alignprop_memory.py --model random --latent-size 32 --batch-size 4
     .venv/bin/python benchmarks/alignprop_memory.py --model assets/tiny-world/tiny --reward tiny_aesthetic
+    .venv/bin/python benchmarks/alignprop_memory.py --device cuda --model random --latent-size 64   # on a GPU
 
 Prints a markdown table; --json writes the rows too.
 """
@@ -54,7 +55,7 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def _build_reward(name: str, device):
+def _build_reward(name: str, device, kwargs: dict):
     import torch
 
     from align_bench.rewards import REWARDS, Reward, build_reward, register_reward
@@ -68,7 +69,7 @@ def _build_reward(name: str, device):
                 return images.mean(dim=(1, 2, 3))
 
         name = "bench_brightness"
-    return build_reward(name, device)
+    return build_reward(name, device, **kwargs)
 
 
 def measure(args) -> dict:
@@ -83,7 +84,7 @@ def measure(args) -> dict:
     device = torch.device(args.device)
     model = DiffusionModel.from_pretrained(ModelSpec(path=args.model_path, dtype=args.dtype), device=device)
     model.add_lora(4, 4)
-    reward = _build_reward(args.reward, device)
+    reward = _build_reward(args.reward, device, json.loads(args.reward_kwargs))
     prompts = ["a red circle on a blue background"] * args.batch_size
     gen = torch.Generator().manual_seed(0)
     per = ap.probe_per_sample_bytes(model, reward, prompts[0], guidance_scale=5.0, eta=1.0)
@@ -121,13 +122,14 @@ def main():
     p.add_argument("--model", default="auto", help="auto | random | a diffusers pipeline dir")
     p.add_argument("--reward", default=None, help="registered differentiable reward (default: tiny_aesthetic for "
                                                   "the tiny world, brightness otherwise)")
+    p.add_argument("--reward-kwargs", default="{}", help='JSON, e.g. \'{"clip_dir": "...", "head_dir": "..."}\'')
     p.add_argument("--latent-size", type=int, default=32, help="random model: latent side (images 2× that)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 8])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="fp32")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     p.add_argument("--json", default=None)
     # internal: run one configuration
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -160,7 +162,7 @@ def main():
     rows = []
     for k, ckpt, steps in configs:
         cmd = [sys.executable, __file__, "--one", "--k", str(k), "--checkpointing", str(int(ckpt)), "--steps",
-               str(steps), "--model-path", model_path, "--reward", reward, "--batch-size", str(args.batch_size),
+               str(steps), "--model-path", model_path, "--reward", reward, "--reward-kwargs", args.reward_kwargs, "--batch-size", str(args.batch_size),
                "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
