@@ -56,19 +56,8 @@ class _PeakRSS:
 
 
 def _build_reward(name: str, device, kwargs: dict):
-    import torch
+    from align_bench.rewards import build_reward
 
-    from align_bench.rewards import REWARDS, Reward, build_reward, register_reward
-
-    if name == "brightness" and "brightness" not in REWARDS:
-        @register_reward("bench_brightness")
-        class _Brightness(Reward):  # weight-free differentiable reward for random pipelines
-            differentiable = True
-
-            def score(self, images, prompts):
-                return images.mean(dim=(1, 2, 3))
-
-        name = "bench_brightness"
     return build_reward(name, device, **kwargs)
 
 

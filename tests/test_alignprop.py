@@ -11,21 +11,9 @@ import torch
 
 from align_bench.algorithms import alignprop as ap
 from align_bench.core.rollout import rollout
-from align_bench.rewards import REWARDS, Reward, register_reward
+from align_bench.rewards import build_reward
 
 from conftest import compose
-
-if "test_brightness" not in REWARDS:
-
-    @register_reward("test_brightness")
-    class _Brightness(Reward):
-        """Mean pixel value: the simplest differentiable reward (needs no weights)."""
-
-        differentiable = True
-
-        def score(self, images, prompts):
-            return images.mean(dim=(1, 2, 3))
-
 
 def _lora_model(load_model, path, seed=0):
     """Random pipeline with a LoRA whose up-projections are non-zero (at init they are 0 ⇒ no grad to `down`)."""
@@ -172,7 +160,7 @@ def test_non_differentiable_reward_is_refused_before_any_model_loads(monkeypatch
         run(compose(["algo=alignprop", "reward=jpeg_compressibility"]), tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "not differentiable" in msg and "jpeg_compressibility" in msg
-    assert "differentiable rewards: [" in msg and "test_brightness" in msg
+    assert "differentiable rewards: [" in msg and "'brightness'" in msg
 
 
 def test_memory_estimate_is_independent_of_steps_with_k1_and_checkpointing():
@@ -190,7 +178,7 @@ def test_probe_and_refusal_of_full_backprop_without_checkpointing(random_pipelin
 
     model = load_model(random_pipeline_dir)
     model.add_lora(4, 4)
-    reward = REWARDS["test_brightness"]()
+    reward = build_reward("brightness")
     per = ap.probe_per_sample_bytes(model, reward, "a cat", guidance_scale=5.0, eta=1.0)
     assert per["unet"] > 10 * per["unet_ckpt"] > 0 and per["tail"] > 0
     full = ap.estimate_activation_bytes(4, 50, False, per)
@@ -221,7 +209,7 @@ def test_validate_rejects_bad_truncation_settings():
 
 # ------------------------------------------------------------------------------------------- end to end
 def _fast_overrides(path, tmp):
-    return ["algo=alignprop", f"model.path={path}", "reward=tiny_aesthetic", "reward.name=test_brightness",
+    return ["algo=alignprop", f"model.path={path}", "reward=brightness",
             "prompts=simple_animals", "prompts.eval_max_prompts=2", "prompts.eval_seeds_per_prompt=1",
             "steps.train=2", "steps.eval=[1]", "eval.base=false", "logger=quiet", "logger.save_images=false", "logger.plots=false",
             "algo.num_epochs=2", "algo.sample.batch_size=2", "algo.sample.num_batches_per_epoch=2",
@@ -290,3 +278,24 @@ def test_reference_presets_compose(preset, k, epochs, form):
         validate(cfg)
     except KeyError as e:
         assert cfg.reward.name in str(e)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_lora_in_sync(random_pipeline_dir, tmp_path):
+    """The reference samples through the unwrapped UNet, so under DDP its gradients are not all-reduced. Here the
+    forward (and the checkpoint's recompute) goes through the prepared UNet: after training both ranks hold the
+    same LoRA weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+            str(root / "train.py"), *_fast_overrides(random_pipeline_dir, run_dir), "device=auto",
+            "algo.backprop.strategy=fixed", "algo.backprop.k=2", "algo.train.learning_rate=3e-3"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["num_processes"] == 2 and metrics["run"]["lora_in_sync"] is True
+    assert metrics["run"]["optimizer_steps"] == 2
