@@ -214,14 +214,15 @@ def _tiny_world_missing() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(_tiny_world_missing(), reason="tiny world not built (make tiny-world)")
 def test_short_tiny_run_raises_the_eval_reward(tmp_path):
-    """A shortened tiny_d3po (same hyper-parameters, fewer epochs, a smaller eval set) on tiny + tiny_aesthetic."""
+    """The tiny_d3po preset on tiny + tiny_aesthetic, evaluated at 8 steps only (shorter runs are too noisy to assert
+    on: 4 epochs did not reliably improve). ~1.5–4 min on 2 cores; measured 3.750 → 4.275 at seed 0."""
     from align_bench.runner import run
 
     cfg = compose(["experiment=tiny_d3po", *TINY_SHORT])
     metrics = run(cfg, tmp_path / "run")
     base, final = (metrics["eval"][k]["tiny_aesthetic"]["8"]["mean"] for k in ("base", "final"))
-    assert final > base + 0.05, (base, final)
+    assert final > base + 0.1, (base, final)
 
 
-TINY_SHORT = ["algo.num_epochs=4", "prompts.eval_max_prompts=8", "steps.eval=[8]", "logger=quiet",
+TINY_SHORT = ["steps.eval=[8]", "logger=quiet",
               "logger.save_images=false", "logger.plots=false", "device=cpu"]
