@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import AlgoSchema, OptimSchema, SampleSchema
 from ..core.rollout import Trajectory, step_log_prob
+from .common import num_train_timesteps, validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
@@ -114,36 +115,19 @@ def shuffle_pairs(pairs: Trajectory, signs: torch.Tensor, ref_log_probs: torch.T
     return pairs.select(both).with_steps(order2), signs[perm], ref
 
 
-def num_train_timesteps(cfg) -> int:
-    return max(1, int(int(cfg.steps.train) * float(cfg.algo.train.timestep_fraction)))
-
-
 # ------------------------------------------------------------------------------------------- algorithm API
 def validate(cfg) -> None:
-    s, t = cfg.algo.sample, cfg.algo.train
-    if cfg.model.family != "lcm" and s.eta <= 0:
-        raise ValueError("d3po needs a stochastic sampler for log-probabilities: algo.sample.eta must be > 0")
-    if cfg.model.family == "lcm" and int(cfg.steps.train) < 2:
-        raise ValueError("d3po on an LCM needs steps.train ≥ 2: a 1-step LCM sample is deterministic (no policy)")
-    if cfg.model.family == "lcm" and not t.cfg:
-        raise ValueError("d3po on an LCM needs algo.train.cfg=true: its guidance embedding is part of the sampled policy")
+    t = cfg.algo.train
+    validate_log_prob_policy(cfg)
     if t.beta <= 0:
         raise ValueError(f"algo.train.beta must be > 0, got {t.beta}")
     if not 0 < t.eps < 1:
         raise ValueError(f"algo.train.eps (ratio clip) must be in (0, 1), got {t.eps}")
-    if not 0 < t.timestep_fraction <= 1:
-        raise ValueError(f"algo.train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
     if cfg.algo.human.data_dir is not None:
         if not cfg.algo.human.labels:
             raise ValueError("algo.human.data_dir is set but algo.human.labels is empty: give the label file(s)")
         return  # the number of pairs is only known once the labels are read
-    total = int(s.batch_size) * int(s.num_batches_per_epoch)
-    if s.batch_size % t.batch_size:
-        raise ValueError(f"algo.sample.batch_size ({s.batch_size}) must be a multiple of algo.train.batch_size "
-                         f"({t.batch_size})")
-    if (total // t.batch_size) % t.gradient_accumulation_steps:
-        raise ValueError(f"{total // t.batch_size} pair-minibatches per epoch is not a multiple of "
-                         f"algo.train.gradient_accumulation_steps ({t.gradient_accumulation_steps})")
+    validate_minibatches(cfg, unit="pairs")
 
 
 def gradient_accumulation_steps(cfg) -> int:

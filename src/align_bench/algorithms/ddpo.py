@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..config import AlgoSchema, OptimSchema, SampleSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
+from .common import num_train_timesteps, validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
@@ -84,26 +85,10 @@ def shuffle_for_training(traj: Trajectory, advantages: torch.Tensor, generator: 
     return traj.with_steps(order[:, :n_train]), advantages
 
 
-def num_train_timesteps(cfg) -> int:
-    return max(1, int(int(cfg.steps.train) * float(cfg.algo.train.timestep_fraction)))
-
-
 # ------------------------------------------------------------------------------------------- algorithm API
 def validate(cfg) -> None:
-    s, t = cfg.algo.sample, cfg.algo.train
-    if cfg.model.family != "lcm" and s.eta <= 0:
-        raise ValueError("ddpo needs a stochastic sampler for log-probabilities: algo.sample.eta must be > 0")
-    if cfg.model.family == "lcm" and int(cfg.steps.train) < 2:
-        raise ValueError("ddpo on an LCM needs steps.train ≥ 2: a 1-step LCM sample is deterministic (no policy)")
-    total = int(s.batch_size) * int(s.num_batches_per_epoch)
-    if s.batch_size % t.batch_size:
-        raise ValueError(f"algo.sample.batch_size ({s.batch_size}) must be a multiple of algo.train.batch_size "
-                         f"({t.batch_size})")
-    if (total // t.batch_size) % t.gradient_accumulation_steps:
-        raise ValueError(f"{total // t.batch_size} minibatches per epoch is not a multiple of "
-                         f"algo.train.gradient_accumulation_steps ({t.gradient_accumulation_steps})")
-    if not 0 < t.timestep_fraction <= 1:
-        raise ValueError(f"algo.train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    validate_log_prob_policy(cfg)
+    validate_minibatches(cfg)
 
 
 def gradient_accumulation_steps(cfg) -> int:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..config import AlgoSchema, OptimSchema, SampleSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
+from .common import validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
@@ -106,22 +107,10 @@ def linear_lr_factor(epoch: int, num_epochs: int, lr_decay: float) -> float:
 
 # ------------------------------------------------------------------------------------------- algorithm API
 def validate(cfg) -> None:
-    s, t = cfg.algo.sample, cfg.algo.train
-    if cfg.model.family != "lcm" and s.eta <= 0:
-        raise ValueError("rebel needs a stochastic sampler for log-probabilities: algo.sample.eta must be > 0")
-    if cfg.model.family == "lcm" and int(cfg.steps.train) < 2:
-        raise ValueError("rebel on an LCM needs steps.train ≥ 2: a 1-step LCM sample is deterministic (no policy)")
-    if cfg.model.family == "lcm" and not t.cfg:
-        raise ValueError("rebel on an LCM needs algo.train.cfg=true: its guidance embedding is part of the sampled policy")
-    if t.rebel_lr <= 0:
-        raise ValueError(f"algo.train.rebel_lr (1/η) must be > 0, got {t.rebel_lr}")
-    if s.batch_size % t.batch_size:
-        raise ValueError(f"algo.sample.batch_size ({s.batch_size}) must be a multiple of algo.train.batch_size "
-                         f"({t.batch_size}) (both count pairs)")
-    total = int(s.batch_size) * int(s.num_batches_per_epoch)
-    if (total // t.batch_size) % t.gradient_accumulation_steps:
-        raise ValueError(f"{total // t.batch_size} pair-minibatches per epoch is not a multiple of "
-                         f"algo.train.gradient_accumulation_steps ({t.gradient_accumulation_steps})")
+    validate_log_prob_policy(cfg)
+    if cfg.algo.train.rebel_lr <= 0:
+        raise ValueError(f"algo.train.rebel_lr (1/η) must be > 0, got {cfg.algo.train.rebel_lr}")
+    validate_minibatches(cfg, unit="pairs")
 
 
 def gradient_accumulation_steps(cfg) -> int:
