@@ -1,8 +1,8 @@
 """Build the whole tiny world from scratch: ``python -m align_bench.tiny.build --out assets/tiny-world``.
 
-Stages (fixed seeds, step budgets, 2 threads): render a data pool → tokenizer + tiny CLIP → VAE → aesthetic head
-→ UNet with jointly fine-tuned text tower (``tiny``) → LCM distillation (``tiny-lcm``) → quality evaluation →
-model cards. ``--smoke`` runs every stage at a tiny budget in seconds (into a temporary directory unless
+Stages (fixed seeds, step budgets, 1 thread by default): render a data pool → tokenizer + tiny CLIP → VAE → UNet
+with the CLIP's text tower fine-tuned jointly (``tiny``) → CLIP refinement (more contrastive steps; the shipped
+CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → quality evaluation → model cards. ``--smoke`` runs every stage at a tiny budget in seconds (into a temporary directory unless
 ``--out`` is given). Progress bars go to stderr, a log to ``<out>/build.log``.
 
 Layout written::
@@ -33,9 +33,11 @@ from .tokenizer import build_tokenizer
 
 log = logging.getLogger("align_bench.tiny")
 
-FULL = dict(pool=40000, clip_steps=1500, clip_bs=256, vae_steps=1500, vae_bs=64, head_pool=20000, head_steps=1500,
-            unet_steps=3000, unet_bs=64, lcm_steps=800, lcm_bs=64, eval_n=4)
-SMOKE = dict(pool=256, clip_steps=3, clip_bs=32, vae_steps=3, vae_bs=16, head_pool=256, head_steps=3,
+# The committed world was built with FULL on a 2-core machine shared with other jobs (one thread, ~25 min of
+# dedicated compute); larger budgets (e.g. --set unet_steps=3900) fit the 60-minute limit on an idle machine.
+FULL = dict(pool=20000, clip_steps=400, clip_bs=96, clip_refine_steps=600, vae_steps=400, vae_bs=32, head_pool=10000, head_steps=600,
+            unet_steps=2400, unet_bs=64, lcm_steps=400, lcm_bs=32, eval_n=2)
+SMOKE = dict(pool=256, clip_steps=3, clip_bs=12, clip_refine_steps=2, vae_steps=3, vae_bs=16, head_pool=256, head_steps=3,
              unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, eval_n=1)
 
 
@@ -70,7 +72,7 @@ def _setup_logging(out: Path) -> None:
     log.addHandler(sh)
 
 
-def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str = "all", resume: bool = False,
+def build(out: Path, budget: dict, seed: int = 0, threads: int = 1, stages: str = "all", resume: bool = False,
           checkpoint_every: int = 0,
           command: str = "python -m align_bench.tiny.build --out assets/tiny-world") -> dict:
     """Run every stage; returns the timings (seconds) per stage. ``stages``: "all" or "base" (no LCM).
@@ -92,16 +94,15 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
     lap("render")
 
     tokenizer = build_tokenizer()
-    clip_dir = out / "clip"
-    if resume and (clip_dir / "model.safetensors").is_file():
+    clip1_dir = out / "_stage_clip1"  # intermediate: the CLIP whose text tower initialises the UNet's encoder
+    if resume and (clip1_dir / "model.safetensors").is_file():
         from transformers import CLIPModel
 
-        clip = CLIPModel.from_pretrained(str(clip_dir)).eval()
-        log.info("resume: loaded %s", clip_dir)
+        clip = CLIPModel.from_pretrained(str(clip1_dir)).eval()
+        log.info("resume: loaded %s", clip1_dir)
     else:
         clip = train.train_clip(tokenizer, budget["clip_steps"], budget["clip_bs"], seed=seed + 1)
-        clip.save_pretrained(str(clip_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(clip_dir))
+        clip.save_pretrained(str(clip1_dir), safe_serialization=True)
     lap("clip")
 
     vae_dir = out / "_stage_vae"  # intermediate (removed at the end): lets --resume skip the VAE
@@ -114,12 +115,6 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
         vae = train.train_vae(images, budget["vae_steps"], budget["vae_bs"], seed=seed + 2)
         vae.save_pretrained(str(vae_dir), safe_serialization=True)
     lap("vae")
-
-    if not (resume and (out / "aesthetic" / "model.safetensors").is_file()):
-        head_imgs, _, _ = train.make_pool(budget["head_pool"], seed + 3)
-        head, head_metrics = train.train_aesthetic(clip, head_imgs, budget["head_steps"], seed=seed + 3)
-        head.save(out / "aesthetic", extra={"clip": "../clip", "metrics": head_metrics})
-    lap("aesthetic")
 
     mean, std = train.encode_latents(vae, images, return_std=True)
     if resume and (out / "tiny" / "model_index.json").is_file() and not (out / "tiny" / ".partial").exists():
@@ -141,12 +136,33 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
         (out / "tiny" / ".partial").unlink(missing_ok=True)
     lap("unet")
 
+    # The shipped CLIP (rewards, zero-shot metrics) continues training after the UNet took its text tower: shape
+    # needs more contrastive steps than colour, and the UNet fine-tunes its encoder anyway.
+    clip_dir = out / "clip"
+    if resume and (clip_dir / "model.safetensors").is_file():
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(str(clip_dir)).eval()
+        log.info("resume: loaded %s", clip_dir)
+    else:
+        clip = train.refine_clip(clip, tokenizer, budget["clip_refine_steps"], budget["clip_bs"], seed=seed + 6)
+        clip.save_pretrained(str(clip_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(clip_dir))
+    lap("clip_refine")
+
+    if not (resume and (out / "aesthetic" / "model.safetensors").is_file()):
+        head_imgs, _, _ = train.make_pool(budget["head_pool"], seed + 3)
+        head, head_metrics = train.train_aesthetic(clip, head_imgs, budget["head_steps"], seed=seed + 3)
+        head.save(out / "aesthetic", extra={"clip": "../clip", "metrics": head_metrics})
+    lap("aesthetic")
+
     if stages == "all":
         lcm = train.distill_lcm(unet, text_encoder, mean, std, captions, tokenizer, vae.config.scaling_factor,
                                 budget["lcm_steps"], budget["lcm_bs"], seed=seed + 5)
         save_lcm_pipeline(out / "tiny-lcm", vae, text_encoder, tokenizer, lcm)
         lap("lcm")
     shutil.rmtree(vae_dir, ignore_errors=True)
+    shutil.rmtree(clip1_dir, ignore_errors=True)
 
     (out / "build_times.json").write_text(json.dumps({"budget": budget, "seconds": times}, indent=2))
     from . import evaluate
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 "--smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny budget, seconds: exercises every code path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, robust when shared)")
     ap.add_argument("--stages", choices=["all", "base"], default="all")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (quick experiments)")
     ap.add_argument("--resume", action="store_true", help="reuse finished stages found in --out")
@@ -200,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         out = Path(args.out)
     cmd = "python -m align_bench.tiny.build " + " ".join(argv if argv is not None else sys.argv[1:])
-    build(out, budget, seed=args.seed, threads=args.threads, stages=args.stages, resume=args.resume, checkpoint_every=args.checkpoint_every,
+    build(out, budget, seed=args.seed, threads=args.threads, stages=args.stages, resume=args.resume,
+          checkpoint_every=args.checkpoint_every,
           command=cmd.strip())
     print(f"tiny world written to {out}")
     if tmp is not None:

@@ -84,16 +84,17 @@ def _score(rewards: dict, images: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def evaluate_pipeline(root: Path, name: str, steps_list, guidance: float, n_per_prompt: int, rewards: dict,
-                      keep: dict | None = None) -> dict:
+                      keep: dict | None = None, max_prompts: int | None = None) -> dict:
     from diffusers import DiffusionPipeline
 
     from ..prompts import load_prompts
 
     pipe = DiffusionPipeline.from_pretrained(str(root / name))
     pipe.set_progress_bar_config(disable=True)
-    res = {"guidance_scale": guidance, "n_per_split": 24 * n_per_prompt}
+    n_prompts = min(24, max_prompts or 24)
+    res = {"guidance_scale": guidance, "n_per_split": n_prompts * n_per_prompt}
     for split, pset in (("seen", "tiny_eval_seen"), ("heldout", "tiny_eval")):
-        prompts = [p for p in load_prompts(pset) for _ in range(n_per_prompt)]
+        prompts = [p for p in load_prompts(pset)[:n_prompts] for _ in range(n_per_prompt)]
         for s in steps_list:
             imgs = sample(pipe, prompts, s, guidance)
             res[f"{split}_{s}steps"] = _score(rewards, imgs, prompts)
@@ -121,7 +122,7 @@ def headroom(rewards: dict, base_images: torch.Tensor, n: int = 2000, seed: int 
 
 
 @torch.no_grad()
-def timings(root: Path, repeats: int = 5) -> dict:
+def timings(root: Path, repeats: int = 5, n_images: int = 64) -> dict:
     """ms per UNet forward (batch 64 latents 4×8×8, 16 text tokens); s to sample 64 images at 8 steps with CFG."""
     from diffusers import StableDiffusionPipeline
 
@@ -137,12 +138,12 @@ def timings(root: Path, repeats: int = 5) -> dict:
     for _ in range(repeats):
         unet(x, t, c)
     fwd = (time.perf_counter() - t0) / repeats * 1000
-    prompts = ["a red circle on a blue background"] * 64
+    prompts = ["a red circle on a blue background"] * n_images
     pipe(prompts[:8], num_inference_steps=2, output_type="pt")
     t0 = time.perf_counter()
     pipe(prompts, num_inference_steps=8, guidance_scale=TINY_GUIDANCE, output_type="pt")
     samp = time.perf_counter() - t0
-    return {"unet_forward_ms_batch64": round(fwd, 1), "sample_64_images_8_steps_cfg_s": round(samp, 2),
+    return {"unet_forward_ms_batch64": round(fwd, 1), f"sample_{n_images}_images_8_steps_cfg_s": round(samp, 2),
             "threads": torch.get_num_threads(),
             "unet_params": sum(p.numel() for p in unet.parameters()),
             "vae_params": sum(p.numel() for p in pipe.vae.parameters()),
@@ -153,14 +154,15 @@ def evaluate_all(root: str | Path, n_per_prompt: int = 4, lcm: bool = True, quic
     """Every measurement above → nested dict. ``quick``: one step count each, small samples (smoke builds)."""
     root = Path(root)
     rewards = _rewards(root)
-    m: dict = {"clip_ground_truth": clip_ground_truth(root, n_per_caption=max(1, n_per_prompt))}
+    m: dict = {"clip_ground_truth": clip_ground_truth(root, n_per_caption=1 if quick else max(4, n_per_prompt))}
     keep: dict = {}
     tiny_steps, lcm_steps = ((2,), (1,)) if quick else (TINY_STEPS, LCM_STEPS)
-    m["tiny"] = evaluate_pipeline(root, "tiny", tiny_steps, TINY_GUIDANCE, n_per_prompt, rewards, keep)
+    mp = 4 if quick else None
+    m["tiny"] = evaluate_pipeline(root, "tiny", tiny_steps, TINY_GUIDANCE, n_per_prompt, rewards, keep, mp)
     m["headroom"] = headroom(rewards, keep["images"], n=64 if quick else 2000)
     if lcm and (root / "tiny-lcm").is_dir():
-        m["tiny_lcm"] = evaluate_pipeline(root, "tiny-lcm", lcm_steps, LCM_GUIDANCE, n_per_prompt, rewards)
-    m["timings"] = timings(root, repeats=1 if quick else 5)
+        m["tiny_lcm"] = evaluate_pipeline(root, "tiny-lcm", lcm_steps, LCM_GUIDANCE, n_per_prompt, rewards, None, mp)
+    m["timings"] = timings(root, repeats=1, n_images=8) if quick else timings(root)
     head_cfg = root / "aesthetic" / "config.json"
     if head_cfg.is_file():
         m["aesthetic_head"] = json.loads(head_cfg.read_text()).get("metrics", {})

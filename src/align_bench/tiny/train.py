@@ -82,13 +82,15 @@ def shape_group_batch(rng: np.random.Generator, n_groups: int, pairs=scenes.SEEN
     return imgs, caps
 
 
-def train_clip(tokenizer, steps: int, bs: int = 192, lr: float = 1e-3, seed: int = 0, pairs=scenes.SEEN_PAIRS):
+def train_clip(tokenizer, steps: int, bs: int = 192, lr: float = 1e-3, seed: int = 0, pairs=scenes.SEEN_PAIRS,
+               init=None):
     """Contrastive CLIP training on freshly rendered shape-group batches (``shape_group_batch``). Equal captions
-    within a batch are all positives (soft targets)."""
+    within a batch are all positives (soft targets). ``init``: continue from this CLIPModel (a copy) instead of a
+    fresh one (the build's refinement stage)."""
     from transformers import CLIPModel
 
     torch.manual_seed(seed)
-    model = CLIPModel(clip_config(len(tokenizer)))
+    model = CLIPModel(clip_config(len(tokenizer))) if init is None else copy.deepcopy(init).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     rng = np.random.default_rng(seed)
     model.train()
@@ -112,6 +114,11 @@ def train_clip(tokenizer, steps: int, bs: int = 192, lr: float = 1e-3, seed: int
         if step % 200 == 0 or step == steps - 1:
             log.info("clip step %d loss %.4f logit_scale %.2f", step, loss.item(), model.logit_scale.exp().item())
     return model.eval()
+
+
+def refine_clip(clip, tokenizer, steps: int, bs: int = 96, lr: float = 5e-4, seed: int = 6):
+    """Continue contrastive training of ``clip`` (a copy) for ``steps`` more shape-group batches."""
+    return train_clip(tokenizer, steps, bs, lr=lr, seed=seed, init=clip)
 
 
 @torch.no_grad()
