@@ -48,6 +48,12 @@ def save_tiny_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
                                    scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    # StableDiffusionPipeline.__init__ rewrites steps_offset 0 → 1 (a deprecation shim); with trailing spacing the
+    # offset is unused, but the stored config should say what we mean.
+    cfg_path = out / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["steps_offset"] = 0
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def save_lcm_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
