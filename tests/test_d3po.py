@@ -226,3 +226,13 @@ def test_short_tiny_run_raises_the_eval_reward(tmp_path):
 
 TINY_SHORT = ["steps.eval=[8]", "logger=quiet",
               "logger.save_images=false", "logger.plots=false", "device=cpu"]
+
+
+def test_loss_gradient_stays_finite_when_the_ratio_overflows():
+    """A log-ratio beyond float32's exp range (a far-moved policy at a low-noise step) must give a zero gradient for
+    that member, not NaN (exp → inf, clamp → 1+ε, 0·inf)."""
+    log_prob = torch.tensor([[200.0, 0.0]], requires_grad=True)
+    loss, _ = d3po.d3po_loss(log_prob, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), beta=0.1, eps=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_prob.grad).all()
+    assert log_prob.grad[0, 0] == 0  # clipped member: no gradient

@@ -30,6 +30,7 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -87,8 +88,10 @@ def d3po_loss(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, signs: torch.T
     L = −mean_b log σ( β Σ_i s_i·log clamp(exp(log π_θ,i − log π_ref,i), 1−ε, 1+ε) ). Once a member's ratio leaves
     [1−ε, 1+ε] its gradient is zero (the reference clamps the ratio, not the log-ratio difference)."""
     log_ratio = log_prob - ref_log_prob
-    clipped = torch.exp(log_ratio).clamp(1.0 - eps, 1.0 + eps)
-    logits = beta * (signs * torch.log(clipped)).sum(dim=1)
+    # log clamp(r, 1−ε, 1+ε) computed in log space: the same value and gradient, but exp(log_ratio) overflowing to
+    # inf (|log_ratio| > 88 once the policy has moved far at a low-noise step) would give 0·inf = NaN gradients.
+    log_clipped = log_ratio.clamp(math.log(1.0 - eps), math.log(1.0 + eps))
+    logits = beta * (signs * log_clipped).sum(dim=1)
     loss = -F.logsigmoid(logits).mean()
     info = {
         "log_ratio_abs": log_ratio.detach().abs().mean(),
