@@ -97,6 +97,15 @@ class SampleSchema:
 
 
 @dataclass
+class StatTrackingSchema:
+    """Per-prompt reward statistics (DDPO, REBEL: `per_prompt_stat_tracking:` block)."""
+
+    enabled: bool = MISSING
+    buffer_size: int = MISSING
+    min_count: int = MISSING
+
+
+@dataclass
 class AlgoSchema:
     """Keys every algorithm has; each algorithm module subclasses this with its own."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import AlgoSchema, OptimSchema, SampleSchema
+from ..config import AlgoSchema, OptimSchema, SampleSchema, StatTrackingSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
 from .common import num_train_timesteps, validate_log_prob_policy, validate_minibatches
@@ -33,13 +33,6 @@ class TrainSchema(OptimSchema):
     adv_clip_max: float = 5.0
     clip_range: float = 1e-4
     timestep_fraction: float = 1.0
-
-
-@dataclass
-class StatTrackingSchema:
-    enabled: bool = True
-    buffer_size: int = 16
-    min_count: int = 16
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import AlgoSchema, OptimSchema, SampleSchema
+from ..config import AlgoSchema, OptimSchema, SampleSchema, StatTrackingSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
 from .common import validate_log_prob_policy, validate_minibatches
@@ -47,13 +47,6 @@ class TrainSchema(OptimSchema):
     cfg: bool = True
     rebel_lr: float = 1.0
     lr_decay: float = 0.0
-
-
-@dataclass
-class StatTrackingSchema:
-    enabled: bool = True
-    buffer_size: int = 32
-    min_count: int = 16
 
 
 @dataclass
