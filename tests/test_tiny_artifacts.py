@@ -79,3 +79,16 @@ def test_model_cards_and_size_budget():
     for name in ("tiny", "tiny-lcm", "clip", "aesthetic"):
         card = (ROOT / name / "README.md").read_text()
         assert "python -m align_bench.tiny.build" in card and "align_bench.tiny.evaluate" in card
+
+
+def test_quality_bar_check_reads_the_metrics_it_names():
+    from align_bench.tiny.evaluate import quality_bars
+
+    m = {"tiny": {"seen_20steps": {"colour_acc": 0.90, "shape_acc": 0.5}, "heldout_20steps": {"colour_acc": 0.84}},
+         "tiny_lcm": {"seen_2steps": {"colour_acc": 0.75}}}
+    got = {label: (v, ok) for label, v, _, ok in quality_bars(m)}
+    assert got == {"tiny, 20 DDIM steps, colour accuracy, seen pairs": (0.90, True),
+                   "tiny, 20 DDIM steps, colour accuracy, held-out pairs": (0.84, False),
+                   "tiny, 20 DDIM steps, shape accuracy, seen pairs": (0.5, False),
+                   "tiny-lcm, 2 steps, colour accuracy, seen pairs": (0.75, True)}
+    assert [b[0] for b in quality_bars(m, "tiny_lcm")] == ["tiny-lcm, 2 steps, colour accuracy, seen pairs"]

@@ -184,6 +184,39 @@ def _table(res: dict, steps_list) -> str:
     return "\n".join(rows)
 
 
+# The issue's quality bars: (label, metrics section, key, metric, threshold).
+QUALITY_BARS = (
+    ("tiny, 20 DDIM steps, colour accuracy, seen pairs", "tiny", "seen_20steps", "colour_acc", 0.90),
+    ("tiny, 20 DDIM steps, colour accuracy, held-out pairs", "tiny", "heldout_20steps", "colour_acc", 0.85),
+    ("tiny, 20 DDIM steps, shape accuracy, seen pairs", "tiny", "seen_20steps", "shape_acc", 0.80),
+    ("tiny, 20 DDIM steps, shape accuracy, held-out pairs", "tiny", "heldout_20steps", "shape_acc", 0.80),
+    ("tiny-lcm, 2 steps, colour accuracy, seen pairs", "tiny_lcm", "seen_2steps", "colour_acc", 0.75),
+    ("tiny-lcm, 2 steps, colour accuracy, held-out pairs", "tiny_lcm", "heldout_2steps", "colour_acc", 0.75),
+    ("tiny-lcm, 4 steps, colour accuracy, seen pairs", "tiny_lcm", "seen_4steps", "colour_acc", 0.75),
+    ("tiny-lcm, 4 steps, colour accuracy, held-out pairs", "tiny_lcm", "heldout_4steps", "colour_acc", 0.75),
+    ("tiny-CLIP on rendered ground truth, shape accuracy", "clip_ground_truth", None, "shape_acc_zero_shot_168", 0.90),
+    ("tiny-CLIP on rendered ground truth, colour accuracy", "clip_ground_truth", None, "colour_acc_zero_shot_168",
+     0.95),
+)
+
+
+def quality_bars(m: dict, section: str | None = None) -> list[tuple[str, float, float, bool]]:
+    """(label, measured, bar, met) for every bar measured in ``m`` (optionally only one metrics section)."""
+    out = []
+    for label, sec, key, metric, bar in QUALITY_BARS:
+        res = m.get(sec, {})
+        res = res.get(key, {}) if key else res
+        if (section is None or sec == section) and metric in res:
+            out.append((label, float(res[metric]), bar, float(res[metric]) >= bar))
+    return out
+
+
+def _bars_md(m: dict, section: str) -> str:
+    rows = [f"- {'met' if ok else '**NOT met**'}: {label} {v:.1%} (bar {bar:.0%})"
+            for label, v, bar, ok in quality_bars(m, section)]
+    return "## Quality bars (align_bench issue 3)\n" + "\n".join(rows) if rows else ""
+
+
 def write_model_cards(root: str | Path, m: dict, budget: dict, command: str) -> None:
     root = Path(root)
     eval_cmd = f"python -m align_bench.tiny.evaluate --root {root} --n {budget.get('eval_n', 4)}"
@@ -210,6 +243,8 @@ Its text tower is the initialisation of the `tiny` UNet's text encoder (fine-tun
   {g.get('shape_acc_zero_shot_168', float('nan')):.1%}, colour accuracy (both colours) {g.get('colour_acc_zero_shot_168', float('nan')):.1%}
 - shape accuracy given the colours (3-way, as `tiny_shape_accuracy`): {g.get('shape_acc_given_colours', float('nan')):.1%}
 
+{_bars_md(m, 'clip_ground_truth')}
+
 {common}""",
         "aesthetic": f"""# tiny aesthetic head (align_bench tiny world)
 
@@ -227,7 +262,7 @@ score itself is `tiny_true_aesthetic` (oracle), so reward hacking is measurable.
         "tiny": f"""# tiny (align_bench tiny world)
 
 Stock `diffusers.StableDiffusionPipeline` directory: `AutoencoderKL` (factor 4, 4 latent channels, scaling
-factor in its config so scaled latents have unit std), `CLIPTextModel` (the tiny CLIP's text tower, fine-tuned
+factor in its config so scaled latents have unit std; caption-free, so trained on scenes of all 56 colour pairs), `CLIPTextModel` (the tiny CLIP's text tower, fine-tuned
 jointly with the UNet), word-level tokenizer, `UNet2DConditionModel` (blocks 32/64/64, cross-attention at every
 level, {t.get('unet_params', 0) / 1e6:.2f}M parameters) trained for ε-prediction on SD's schedule (scaled_linear
 0.00085→0.012, 1000 steps) with 10 % caption dropout, EMA weights; `DDIMScheduler` (trailing, no offset,
@@ -242,6 +277,8 @@ zero-shot given the colours. tiny-CLIP's own accuracy on rendered ground truth: 
 {g.get('shape_acc_given_colours', float('nan')):.1%} (given colours) / {g.get('shape_acc_zero_shot_168', float('nan')):.1%} (168-way), colour {g.get('colour_acc_zero_shot_168', float('nan')):.1%}.
 
 {_table(m.get('tiny', {}), TINY_STEPS)}
+
+{_bars_md(m, 'tiny')}
 
 Headroom: base samples (20 steps) mean `tiny_aesthetic` {h.get('base_samples_tiny_aesthetic_mean', float('nan')):.2f} vs rendered
 scenes' top 5 % {h.get('rendered_tiny_aesthetic_top5pct_mean', float('nan')):.2f} (max {h.get('rendered_tiny_aesthetic_max', float('nan')):.2f}).
@@ -261,6 +298,8 @@ target is what ships. Same VAE / text encoder / tokenizer as `tiny`.
 ## Metrics (LCM, guidance {m.get('tiny_lcm', {}).get('guidance_scale')}, n = {m.get('tiny_lcm', {}).get('n_per_split')} per split)
 
 {_table(m.get('tiny_lcm', {}), LCM_STEPS)}
+
+{_bars_md(m, 'tiny_lcm')}
 
 {common}""",
     }

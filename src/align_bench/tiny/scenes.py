@@ -65,7 +65,8 @@ RADIUS = {"any": (3.0, 10.0), "small": (3.0, 4.5), "large": (8.0, 10.0), "counte
 SQUARE_HALF = 0.9  # square half-side / r
 TRIANGLE_R = 1.45  # triangle circumradius / r
 
-# (shape colour, background colour) pairs never used for training anything (held-out composition test):
+# (shape colour, background colour) pairs that no text-conditioned model trains on (held-out composition test; the
+# caption-free VAE sees every pair):
 # colour i on colour i+3 (mod 8), so every colour is held out once as shape and once as background.
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     (COLOURS[i], COLOURS[(i + 3) % len(COLOURS)]) for i in range(len(COLOURS))
@@ -73,6 +74,7 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(
     (a, b) for a in COLOURS for b in COLOURS if a != b and (a, b) not in HELDOUT_PAIRS
 )
+ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((a, b) for a in COLOURS for b in COLOURS if a != b)
 
 
 @dataclass
