@@ -105,6 +105,25 @@ def test_run_writes_metrics_json_in_the_documented_shape(random_pipeline_dir, tm
     assert (tmp_path / "config.yaml").is_file()
 
 
+@pytest.mark.slow
+def test_tiny_ddpo_raises_the_training_reward_over_its_first_epochs(tmp_path):
+    """The tiny_ddpo preset against the same run with learning rate 0: identical prompts and noise streams (the
+    generator is consumed the same way), so the difference is what DDPO learned. Measured at seed 0 on the
+    committed world: +0.21 mean training reward over epochs 1–7 (~1 min per run on 2 cores)."""
+    from align_bench import REPO_ROOT
+    from align_bench.runner import run
+
+    if not (REPO_ROOT / "assets/tiny-world/tiny/model_index.json").is_file():
+        pytest.fail("the tiny world is committed under assets/tiny-world (make tiny-world rebuilds it)")
+    common = ["experiment=tiny_ddpo", "algo.num_epochs=8", "eval.base=false", "prompts.eval_max_prompts=1",
+              "steps.eval=[1]", "logger=quiet", "logger.save_images=false", "logger.plots=false", "device=cpu"]
+    trained = run(compose(common), tmp_path / "trained")["train"]
+    control = run(compose([*common, "algo.train.learning_rate=0"]), tmp_path / "control")["train"]
+    assert trained[0]["reward_mean"] == pytest.approx(control[0]["reward_mean"], abs=1e-4)  # same first samples
+    gain = np.mean([t["reward_mean"] - c["reward_mean"] for t, c in zip(trained[1:], control[1:])])
+    assert gain > 0.1, [(t["reward_mean"], c["reward_mean"]) for t, c in zip(trained, control)]
+
+
 def test_resume_continues_from_the_checkpoint(random_pipeline_dir, tmp_path):
     from align_bench.runner import run
 
