@@ -215,7 +215,7 @@ def _tiny_world_missing() -> bool:
 @pytest.mark.skipif(_tiny_world_missing(), reason="tiny world not built (make tiny-world)")
 def test_short_tiny_run_raises_the_eval_reward(tmp_path):
     """The tiny_d3po preset on tiny + tiny_aesthetic, evaluated at 8 steps only (shorter runs are too noisy to assert
-    on: 4 epochs did not reliably improve). ~1.5–4 min on 2 cores; measured 3.750 → 4.275 at seed 0."""
+    on: 4 epochs did not reliably improve). ~1.5–4 min on 2 cores; measured 3.750 → 4.275 at seed 0 on an earlier tiny-world build."""
     from align_bench.runner import run
 
     cfg = compose(["experiment=tiny_d3po", *TINY_SHORT])
