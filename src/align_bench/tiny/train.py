@@ -169,7 +169,7 @@ def train_vae(images: torch.Tensor, steps: int, bs: int = 64, lr: float = 1e-3, 
         x = images[-256:].float() / 255 * 2 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         log.info("vae reconstruction mse %.5f (images in [-1, 1], last 256 of the pool)", F.mse_loss(rec, x).item())
-    with torch.no_grad():  # scaling factor: scaled latents of the data have unit std (SD's 0.18215 recipe)
+        # scaling factor: scaled latents of the data have unit std (SD's 0.18215 recipe)
         lat = encode_latents(vae, images[:2048], sample=True, gen=torch.Generator().manual_seed(seed + 1))
         scale = 1.0 / lat.std().item()
     vae.register_to_config(scaling_factor=scale)
