@@ -1,6 +1,6 @@
 """Build the whole tiny world from scratch: ``python -m align_bench.tiny.build --out assets/tiny-world``.
 
-Stages (fixed seeds, step budgets, 1 thread by default): render a data pool → tokenizer + tiny CLIP → VAE → UNet
+Stages (fixed seeds, step budgets, 2 threads by default): render a data pool → tokenizer + tiny CLIP → VAE → UNet
 with the CLIP's text tower fine-tuned jointly (``tiny``) → CLIP refinement (more contrastive steps; the shipped
 CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → quality evaluation → model cards. ``--smoke`` runs every stage at a tiny budget in seconds (into a temporary directory unless
 ``--out`` is given). Progress bars go to stderr, a log to ``<out>/build.log``.
@@ -79,7 +79,7 @@ def _setup_logging(out: Path) -> None:
     log.addHandler(sh)
 
 
-def build(out: Path, budget: dict, seed: int = 0, threads: int = 1, stages: str = "all", resume: bool = False,
+def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str = "all", resume: bool = False,
           checkpoint_every: int = 0,
           command: str = "python -m align_bench.tiny.build --out assets/tiny-world") -> dict:
     """Run every stage; returns the timings (seconds) per stage. ``stages``: "all" or "base" (no LCM).
@@ -103,10 +103,7 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 1, stages: str 
     tokenizer = build_tokenizer()
     clip1_dir = out / "_stage_clip1"  # intermediate: the CLIP whose text tower initialises the UNet's encoder
     if resume and (clip1_dir / "model.safetensors").is_file():
-        from transformers import CLIPModel
-
-        clip = CLIPModel.from_pretrained(str(clip1_dir)).eval()
-        log.info("resume: loaded %s", clip1_dir)
+        clip = _load_clip_stage(clip1_dir)
     else:
         clip = train.train_clip(tokenizer, budget["clip_steps"], budget["clip_bs"], seed=seed + 1)
         clip.save_pretrained(str(clip1_dir), safe_serialization=True)
@@ -150,10 +147,7 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 1, stages: str 
     # needs more contrastive steps than colour, and the UNet fine-tunes its encoder anyway.
     clip_dir = out / "clip"
     if resume and (clip_dir / "model.safetensors").is_file():
-        from transformers import CLIPModel
-
-        clip = CLIPModel.from_pretrained(str(clip_dir)).eval()
-        log.info("resume: loaded %s", clip_dir)
+        clip = _load_clip_stage(clip_dir)
     else:
         clip = train.refine_clip(clip, tokenizer, budget["clip_refine_steps"], budget["clip_bs"], seed=seed + 6)
         clip.save_pretrained(str(clip_dir), safe_serialization=True)
@@ -185,6 +179,15 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 1, stages: str 
     evaluate.write_model_cards(out, metrics, budget, command)
     log.info("build finished: %s", json.dumps(times))
     return times
+
+
+def _load_clip_stage(path: Path):
+    """A CLIP stage finished by an earlier run (``--resume``)."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(path)).eval()
+    log.info("resume: loaded %s", path)
+    return clip
 
 
 def _text_tower(clip):

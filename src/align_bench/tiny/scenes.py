@@ -71,10 +71,8 @@ TRIANGLE_R = 1.45  # triangle circumradius / r
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     (COLOURS[i], COLOURS[(i + 3) % len(COLOURS)]) for i in range(len(COLOURS))
 )
-SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (a, b) for a in COLOURS for b in COLOURS if a != b and (a, b) not in HELDOUT_PAIRS
-)
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((a, b) for a in COLOURS for b in COLOURS if a != b)
+SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
 
 @dataclass
@@ -330,14 +328,14 @@ def aesthetic_score(images: torch.Tensor) -> torch.Tensor:
 def all_single_captions(pairs=None) -> list[str]:
     """The family ``a {colour} {shape} on a {colour} background`` over ``pairs`` (default: every ordered pair)."""
     if pairs is None:
-        pairs = [(a, b) for a in COLOURS for b in COLOURS if a != b]
+        pairs = ALL_PAIRS
     return [caption_of(s, a, b) for (a, b) in pairs for s in SHAPES]
 
 
 def all_captions(pairs=None) -> list[str]:
     """Every caption of the grammar over ``pairs`` (single, sized, counted)."""
     if pairs is None:
-        pairs = [(a, b) for a in COLOURS for b in COLOURS if a != b]
+        pairs = ALL_PAIRS
     out = []
     for (a, b) in pairs:
         for s in SHAPES:
