@@ -58,3 +58,12 @@ FAST_RUN = [
     "prompts.eval_seeds_per_prompt=1", "steps.train=3", "steps.eval=[1,2]", "logger=quiet",
     "logger.save_images=false", "logger.plots=false",
 ]
+
+
+def tiny_world_missing(*parts: str) -> bool:
+    """True unless every named part of the committed tiny world (``tiny``, ``tiny-lcm``, ``clip``, ``aesthetic``)
+    is under assets/tiny-world: the skip condition of the end-to-end tiny runs."""
+    from align_bench import resolve_path
+
+    root = resolve_path("assets/tiny-world")
+    return not all((root / p).is_dir() and any((root / p).iterdir()) for p in parts)

@@ -13,7 +13,7 @@ from align_bench.algorithms import alignprop as ap
 from align_bench.core.rollout import rollout
 from align_bench.rewards import build_reward
 
-from conftest import compose
+from conftest import compose, tiny_world_missing
 
 def _lora_model(load_model, path, seed=0):
     """Random pipeline with a LoRA whose up-projections are non-zero (at init they are 0 ⇒ no grad to `down`)."""
@@ -233,16 +233,7 @@ def test_short_run_is_deterministic_and_counts_reward_queries(random_pipeline_di
     assert saved["run"]["reward_queries"] == 8
 
 
-TINY = "assets/tiny-world/tiny"
-
-
-def _tiny_world_ready() -> bool:
-    from align_bench import resolve_path
-
-    return all(resolve_path(p).exists() for p in (TINY, "assets/tiny-world/aesthetic", "assets/tiny-world/clip"))
-
-
-@pytest.mark.skipif(not _tiny_world_ready(), reason="tiny world not built (make tiny-world)")
+@pytest.mark.skipif(tiny_world_missing("tiny", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
 def test_tiny_run_raises_eval_reward(tmp_path):
     from align_bench.runner import run
 

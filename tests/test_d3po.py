@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST_RUN, compose
+from conftest import FAST_RUN, compose, tiny_world_missing
 
 from align_bench.algorithms import d3po
 from align_bench.core.rollout import rollout, step_log_prob
@@ -205,14 +205,8 @@ def test_end_to_end_on_random_lcm(random_lcm_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ tiny world
-def _tiny_world_missing() -> bool:
-    from align_bench import resolve_path
-
-    return not all((resolve_path("assets/tiny-world") / d / "model_index.json").is_file() for d in ("tiny",))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_tiny_world_missing(), reason="tiny world not built (make tiny-world)")
+@pytest.mark.skipif(tiny_world_missing("tiny", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
 def test_short_tiny_run_raises_the_eval_reward(tmp_path):
     """The tiny_d3po preset on tiny + tiny_aesthetic, evaluated at 8 steps only (shorter runs are too noisy to assert
     on: 4 epochs did not reliably improve). ~1.5–4 min on 2 cores; measured 3.750 → 4.275 at seed 0 on an earlier tiny-world build."""

@@ -1,5 +1,6 @@
 """Committed tiny-world artifacts load offline through stock diffusers / transformers classes and sample."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,9 +19,8 @@ def test_tiny_stable_diffusion_pipeline_samples():
     pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / "tiny"))
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    cfg = pipe.scheduler.config  # (the pipeline's deprecation shim lifts steps_offset to 1 in memory; unused by
-    import json  # trailing spacing, so check the stored value)
-
+    cfg = pipe.scheduler.config
+    # The pipeline's deprecation shim lifts steps_offset to 1 in memory (unused by trailing spacing): check the file.
     stored = json.loads((ROOT / "tiny" / "scheduler" / "scheduler_config.json").read_text())
     assert (cfg.timestep_spacing, cfg.set_alpha_to_one, cfg.clip_sample, stored["steps_offset"]) == (
         "trailing", False, False, 0)
