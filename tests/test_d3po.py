@@ -11,7 +11,8 @@ import torch
 from conftest import FAST_RUN, compose, tiny_world_missing
 
 from align_bench.algorithms import d3po
-from align_bench.core.rollout import rollout, step_log_prob
+from align_bench.algorithms.common import collect_pairs
+from align_bench.core.rollout import Trajectory, rollout, step_log_prob
 from align_bench.core.scheduling import gaussian_log_prob
 
 LOG2 = math.log(2.0)
@@ -230,3 +231,26 @@ def test_loss_gradient_stays_finite_when_the_ratio_overflows():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_prob.grad).all()
     assert log_prob.grad[0, 0] == 0  # clipped member: no gradient
+
+
+def test_collect_pairs_keeps_pair_p_at_index_p_across_rollout_calls():
+    calls = iter(range(100))
+
+    def fake_sample_pairs(ctx, batch_size):  # call c: pair p has member 0 = 10c + p, member 1 = −(10c + p)
+        c = next(calls)
+        ids = torch.tensor([10.0 * c + p for p in range(batch_size)])
+        both = torch.cat([ids, -ids])
+        traj = Trajectory(prompts=[f"c{c}p{p}" for p in range(batch_size)] * 2, prompt_embeds=both[:, None],
+                          timesteps=both[:, None], prev_timesteps=both[:, None], latents=both[:, None, None],
+                          next_latents=both[:, None, None], log_probs=both[:, None], final_latents=both[:, None],
+                          images=both[:, None])
+        return traj, both + 0.5
+
+    m0, m1, r0, r1 = collect_pairs(SimpleNamespace(progress=False), fake_sample_pairs, batch_size=3, num_batches=2)
+    expected = torch.tensor([0.0, 1, 2, 10, 11, 12])
+    assert m0.prompts == m1.prompts == ["c0p0", "c0p1", "c0p2", "c1p0", "c1p1", "c1p2"]
+    torch.testing.assert_close(m0.latents[:, 0, 0], expected)
+    torch.testing.assert_close(m1.latents[:, 0, 0], -expected)
+    torch.testing.assert_close(r0, expected + 0.5)
+    torch.testing.assert_close(r1, -expected + 0.5)
+    assert m0.images is None and m1.images is None  # dropped: training needs latents only

@@ -1,6 +1,14 @@
-"""Checks and counts shared by the log-probability algorithms (DDPO, D3PO, REBEL): one place, one wording."""
+"""Checks, counts and the pair rollout shared by the log-probability algorithms (DDPO, D3PO, REBEL): one place,
+one wording."""
 
 from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.rollout import Trajectory
 
 
 def num_train_timesteps(cfg) -> int:
@@ -34,3 +42,19 @@ def validate_minibatches(cfg, unit: str = "trajectories") -> None:
     if minibatches % t.gradient_accumulation_steps:
         raise ValueError(f"{minibatches} minibatches of {unit} per epoch is not a multiple of "
                          f"algo.train.gradient_accumulation_steps ({t.gradient_accumulation_steps})")
+
+
+def collect_pairs(ctx, sample_pairs: Callable, batch_size: int, num_batches: int
+                  ) -> tuple[Trajectory, Trajectory, torch.Tensor, torch.Tensor]:
+    """`num_batches` calls of ``sample_pairs(ctx, batch_size)`` (a trajectory of 2B samples, member 0 of pair p at
+    p and member 1 at B + p, and their rewards (2B,)) → (members 0, members 1, rewards 0, rewards 1), pair p of the
+    epoch at index p of each. Images are dropped: training needs latents only."""
+    members0, members1, rewards0, rewards1 = [], [], [], []
+    for _ in tqdm(range(num_batches), desc="sampling", leave=False, disable=not ctx.progress):
+        traj, r = sample_pairs(ctx, batch_size)
+        traj.images = None
+        members0.append(traj.select(slice(0, batch_size)))
+        members1.append(traj.select(slice(batch_size, 2 * batch_size)))
+        rewards0.append(r[:batch_size])
+        rewards1.append(r[batch_size:])
+    return Trajectory.cat(members0), Trajectory.cat(members1), torch.cat(rewards0), torch.cat(rewards1)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import AlgoSchema, OptimSchema, SampleSchema
 from ..core.rollout import Trajectory, step_log_prob
-from .common import num_train_timesteps, validate_log_prob_policy, validate_minibatches
+from .common import collect_pairs, num_train_timesteps, validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
@@ -182,18 +182,9 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
     if "human_pairs" in state:
         pairs, signs = state["human_pairs"], state["human_signs"]
     else:
-        members0, members1, rewards0, rewards1 = [], [], [], []
-        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc="sampling", leave=False,
-                      disable=not ctx.progress):
-            B = int(cfg.sample.batch_size)
-            traj, r = sample_pairs(ctx, B)
-            traj.images = None  # not needed for training; frees memory
-            members0.append(traj.select(slice(0, B)))
-            members1.append(traj.select(slice(B, 2 * B)))
-            rewards0.append(r[:B])
-            rewards1.append(r[B:])
-        pairs = Trajectory.cat(members0 + members1)
-        rewards0, rewards1 = torch.cat(rewards0), torch.cat(rewards1)
+        members0, members1, rewards0, rewards1 = collect_pairs(ctx, sample_pairs, int(cfg.sample.batch_size),
+                                                               int(cfg.sample.num_batches_per_epoch))
+        pairs = Trajectory.cat([members0, members1])
         signs = pareto_signs(rewards0, rewards1).to(pairs.latents.device)
         _, all_rewards = ctx.gather(pairs.prompts, torch.cat([rewards0, rewards1]))
         summary.update(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(unbiased=False)),

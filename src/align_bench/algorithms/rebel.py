@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..config import AlgoSchema, OptimSchema, SampleSchema, StatTrackingSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
-from .common import validate_log_prob_policy, validate_minibatches
+from .common import collect_pairs, validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
@@ -142,17 +142,8 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
         group["lr"] = float(cfg.train.learning_rate) * factor
 
     # ---- sample pairs with independent x_T
-    ys, y2s, rewards, rewards_2 = [], [], [], []
-    B = int(cfg.sample.batch_size)
-    for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc="sampling", leave=False, disable=not ctx.progress):
-        traj, r = sample_pairs(ctx, B)
-        traj.images = None
-        ys.append(traj.select(slice(0, B)))
-        y2s.append(traj.select(slice(B, 2 * B)))
-        rewards.append(r[:B])
-        rewards_2.append(r[B:])
-    y, y2 = Trajectory.cat(ys), Trajectory.cat(y2s)
-    rewards, rewards_2 = torch.cat(rewards), torch.cat(rewards_2)
+    y, y2, rewards, rewards_2 = collect_pairs(ctx, sample_pairs, int(cfg.sample.batch_size),
+                                              int(cfg.sample.num_batches_per_epoch))
 
     # ---- advantages over all processes' pairs; each process keeps its own slice
     all_prompts, all_r = ctx.gather(y.prompts, rewards)
