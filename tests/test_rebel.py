@@ -235,12 +235,9 @@ def test_reference_presets_compose_and_validate(preset):
 # ------------------------------------------------------------------------------------------------ tiny world
 @pytest.mark.slow
 @pytest.mark.skipif(tiny_world_missing("tiny-lcm", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
-@pytest.mark.xfail(strict=True, reason="known regression: on the tiny-lcm rebuilt on 22 Nov (base eval 5.23, was "
-                   "4.05) tiny_rebel does not learn in 8 epochs (5.23 -> 5.08; its training reward equals an lr=0 "
-                   "control's); the preset needs retuning. strict: this fails as soon as the preset works again")
 def test_short_tiny_run_raises_the_eval_reward(tmp_path):
     """The tiny_rebel preset on tiny-lcm + tiny_aesthetic, evaluated at 8 steps only (shorter runs are too noisy to
-    assert on). ~1.5–4 min on 2 cores; measured 4.053 → 4.196 at seed 0 on an earlier tiny-world build."""
+    assert on). ~2–4 min on 2 cores; measured 5.256 → 5.491 at seed 0 on the committed tiny world."""
     from align_bench.runner import run
 
     cfg = compose(["experiment=tiny_rebel", "steps.eval=[8]",
