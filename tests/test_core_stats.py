@@ -40,3 +40,30 @@ def test_keys_may_be_prompt_step_tuples():
 def test_whiten():
     w = whiten(np.array([1.0, 3.0]))
     np.testing.assert_allclose(w, [-1.0, 1.0], atol=1e-7)
+
+
+def _quadratic_reference(tracker_state: dict, keys: list, rewards: np.ndarray, buffer_size: int, min_count: int):
+    """The tracker as first written (one mask over all keys per unique key): what the O(keys) update must equal."""
+    from collections import deque
+
+    buffers = {k: deque(v, maxlen=buffer_size) for k, v in tracker_state.items()}
+    adv = np.empty_like(rewards)
+    for key in dict.fromkeys(keys):
+        mask = np.array([k == key for k in keys])
+        buf = buffers.setdefault(key, deque(maxlen=buffer_size))
+        buf.extend(rewards[mask].tolist())
+        mean, std = (rewards.mean(), rewards.std()) if len(buf) < min_count else (np.mean(buf), np.std(buf))
+        adv[mask] = (rewards[mask] - mean) / (std + 1e-6)
+    return adv, {k: list(v) for k, v in buffers.items()}
+
+
+def test_linear_update_gives_the_same_numbers_as_the_quadratic_one():
+    """Per-(prompt, step) keys as SDPO uses them, over several epochs: bit-identical advantages and buffers."""
+    rng = np.random.default_rng(0)
+    tr = PromptStatTracker(buffer_size=8, min_count=4)
+    for epoch in range(5):
+        keys = [(f"p{rng.integers(12)}", int(s)) for s in rng.integers(0, 5, size=200)]
+        rewards = rng.normal(size=200)
+        expected, buffers = _quadratic_reference(tr.state_dict()["buffers"], keys, rewards, 8, 4)
+        assert np.array_equal(tr.update(keys, rewards), expected), epoch
+        assert tr.state_dict()["buffers"] == buffers

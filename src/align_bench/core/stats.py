@@ -1,4 +1,5 @@
-"""Advantage statistics (algorithms.md §1.4): per-prompt running buffers, and global whitening."""
+"""Advantage statistics: per-prompt running buffers (DDPO, Black et al. 2024; REBEL as RLCM runs it; SDPO per
+(prompt, step)), and global whitening."""
 
 from __future__ import annotations
 
@@ -23,26 +24,25 @@ class PromptStatTracker:
         self.buffers: dict = {}
 
     def update(self, keys: list, rewards: np.ndarray) -> np.ndarray:
-        """keys: B hashables; rewards: (B,) → advantages (B,) float64."""
+        """keys: B hashables; rewards: (B,) → advantages (B,) float64. O(B + unique keys · buffer_size)."""
         rewards = np.asarray(rewards, dtype=np.float64)
         if len(keys) != len(rewards):
             raise ValueError(f"{len(keys)} keys for {len(rewards)} rewards")
         advantages = np.empty_like(rewards)
         batch_mean, batch_std = rewards.mean(), rewards.std()
-        for key in dict.fromkeys(keys):
-            mask = np.array([k == key for k in keys])
+        positions: dict = {}  # key → its indices in the batch, keys in order of first appearance
+        for i, key in enumerate(keys):
+            positions.setdefault(key, []).append(i)
+        for key, idx in positions.items():
             buf = self.buffers.setdefault(key, deque(maxlen=self.buffer_size))
-            buf.extend(rewards[mask].tolist())
+            mine = rewards[idx]
+            buf.extend(mine.tolist())
             if len(buf) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
                 mean, std = np.mean(buf), np.std(buf)
-            advantages[mask] = (rewards[mask] - mean) / (std + 1e-6)
+            advantages[idx] = (mine - mean) / (std + 1e-6)
         return advantages
-
-    def stats(self) -> dict[str, float]:
-        sizes = [len(b) for b in self.buffers.values()]
-        return {"tracked_keys": len(sizes), "mean_buffer": float(np.mean(sizes)) if sizes else 0.0}
 
     def state_dict(self) -> dict:
         return {"buffer_size": self.buffer_size, "min_count": self.min_count,
