@@ -67,11 +67,13 @@ def measure(args) -> dict:
 
     from align_bench.algorithms import alignprop as ap
     from align_bench.core.rollout import rollout
+    from align_bench.main import compose
     from align_bench.models import DiffusionModel, ModelSpec
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = DiffusionModel.from_pretrained(ModelSpec(path=args.model_path, dtype=args.dtype), device=device)
+    model_cfg = compose(["model=tiny", f"model.path={args.model_path}", f"model.dtype={args.dtype}"]).model
+    model = DiffusionModel.from_pretrained(ModelSpec.from_config(model_cfg), device=device)
     model.add_lora(4, 4)
     reward = _build_reward(args.reward, device, json.loads(args.reward_kwargs))
     prompts = ["a red circle on a blue background"] * args.batch_size
@@ -82,7 +84,7 @@ def measure(args) -> dict:
     def step():
         traj = rollout(model, prompts, num_steps=args.steps, eta=1.0, guidance_scale=5.0, generator=gen,
                        grad_from_step=args.steps - args.k, gradient_checkpointing=args.checkpointing)
-        r, _ = reward(traj.images, prompts)
+        r = reward(traj.images, prompts)
         ap.alignprop_loss(r, "negative", None).backward()
 
     if device.type == "cuda":
@@ -151,7 +153,8 @@ def main():
     rows = []
     for k, ckpt, steps in configs:
         cmd = [sys.executable, __file__, "--one", "--k", str(k), "--checkpointing", str(int(ckpt)), "--steps",
-               str(steps), "--model-path", model_path, "--reward", reward, "--reward-kwargs", args.reward_kwargs, "--batch-size", str(args.batch_size),
+               str(steps), "--model-path", model_path, "--reward", reward, "--reward-kwargs", args.reward_kwargs,
+               "--batch-size", str(args.batch_size),
                "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from align_bench.core.rollout import rollout, step_log_prob  # noqa: E402
+from align_bench.main import compose  # noqa: E402
 from align_bench.models import DiffusionModel, ModelSpec  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def timed(fn, repeat: int = 3) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="tiny", help="conf/model/<name>.yaml whose settings apply")
     ap.add_argument("--model-path", default="assets/tiny-world/tiny")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
@@ -39,7 +41,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = DiffusionModel.from_pretrained(ModelSpec(path=args.model_path), device="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = ModelSpec.from_config(compose([f"model={args.model}", f"model.path={args.model_path}"]).model)
+    model = DiffusionModel.from_pretrained(spec, device=device)
     model.add_lora(4, 4)
     prompts = ["a red circle on a blue background"] * args.batch
     gen = torch.Generator().manual_seed(0)
@@ -52,8 +56,7 @@ def main() -> None:
     traj = sample()
 
     def train_step():
-        out = step_log_prob(model, traj.latents[:, 0], traj.next_latents[:, 0], traj.timesteps[:, 0],
-                            traj.prev_timesteps[:, 0], traj.prompt_embeds, eta=1.0, guidance_scale=args.guidance)
+        out = step_log_prob(model, traj, 0, eta=1.0, guidance_scale=args.guidance)
         out.log_prob.mean().backward()
 
     t_train = timed(train_step)
@@ -68,7 +71,8 @@ def main() -> None:
     print(f"model {args.model_path}: UNet {unet_params / 1e6:.2f}M params, latents {model.latent_channels}×"
           f"{model.latent_size}², device {model.device}, {torch.get_num_threads()} threads")
     print("| measurement | value |\n|---|---|")
-    print(f"| rollout, {args.batch} images × {args.steps} steps, CFG | {t_roll:.3f} s ({args.batch / t_roll:.1f} images/s) |")
+    print(f"| rollout, {args.batch} images × {args.steps} steps, CFG | {t_roll:.3f} s "
+          f"({args.batch / t_roll:.1f} images/s) |")
     print(f"| train micro-step (log-prob + backward), batch {args.batch} | {t_train:.3f} s "
           f"({1e3 * t_train / args.batch:.2f} ms per sample-step) |")
     print(f"| eval sweep 1+2+4+8 steps, {args.batch} images | {t_eval:.3f} s |")

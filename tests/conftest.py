@@ -31,25 +31,22 @@ def random_lcm_dir(tmp_path_factory):
 
 @pytest.fixture
 def load_model():
+    """Load a pipeline directory through the real path, with the spec of conf/model/<model>.yaml (model.path and
+    any `model.<key>=value` overrides applied): the YAML is the one source of a model's settings."""
     from align_bench.models import DiffusionModel, ModelSpec
 
-    def _load(path, **spec_kwargs):
-        return DiffusionModel.from_pretrained(ModelSpec(path=str(path), **spec_kwargs))
+    def _load(path, model: str = "tiny", **overrides):
+        cfg = compose([f"model={model}", f"model.path={path}", *(f"model.{k}={v}" for k, v in overrides.items())])
+        return DiffusionModel.from_pretrained(ModelSpec.from_config(cfg.model))
 
     return _load
 
 
 def compose(overrides: list[str]):
     """Compose conf/config.yaml with overrides, exactly as `python train.py <overrides>` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from align_bench.main import compose as compose_config
 
-    from align_bench.main import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=False)
+    return compose_config(overrides)
 
 
 # Overrides that make a whole run take seconds on the random pipeline.

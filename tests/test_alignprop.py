@@ -1,4 +1,4 @@
-"""AlignProp (algorithms.md §6): truncated reward backprop, loss forms, reward input mapping, config-time and
+"""AlignProp (docs/algos/alignprop.md): truncated reward backprop, loss forms, reward input mapping, config-time and
 memory refusals, determinism, and a real improvement on the tiny world."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import compose, tiny_world_missing
 
 from align_bench.algorithms import alignprop as ap
 from align_bench.core.rollout import rollout
 from align_bench.rewards import build_reward
 
-from conftest import compose, tiny_world_missing
 
 def _lora_model(load_model, path, seed=0):
     """Random pipeline with a LoRA whose up-projections are non-zero (at init they are 0 ⇒ no grad to `down`)."""
@@ -211,7 +211,8 @@ def test_validate_rejects_bad_truncation_settings():
 def _fast_overrides(path, tmp):
     return ["algo=alignprop", f"model.path={path}", "reward=brightness",
             "prompts=simple_animals", "prompts.eval_max_prompts=2", "prompts.eval_seeds_per_prompt=1",
-            "steps.train=2", "steps.eval=[1]", "eval.base=false", "logger=quiet", "logger.save_images=false", "logger.plots=false",
+            "steps.train=2", "steps.eval=[1]", "eval.base=false", "logger=quiet", "logger.save_images=false",
+            "logger.plots=false",
             "algo.num_epochs=2", "algo.sample.batch_size=2", "algo.sample.num_batches_per_epoch=2",
             "algo.backprop.strategy=uniform", "device=cpu", f"run_dir={tmp}"]
 

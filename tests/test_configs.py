@@ -5,10 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_RUN, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-
-from conftest import FAST_RUN, compose
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["algo", "model", "reward", "steps", "prompts", "logger", "experiment"]

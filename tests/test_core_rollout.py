@@ -29,17 +29,15 @@ def test_rollout_shapes_and_recomputed_log_prob_is_exact(random_pipeline_dir, lo
     assert torch.equal(traj.latents[:, 1:], traj.next_latents[:, :-1])
     with torch.no_grad():
         for k in range(N):
-            out = step_log_prob(model, traj.latents[:, k], traj.next_latents[:, k], traj.timesteps[:, k],
-                                traj.prev_timesteps[:, k], traj.prompt_embeds, eta=1.0, guidance_scale=5.0)
+            out = step_log_prob(model, traj, k, eta=1.0, guidance_scale=5.0)
             assert torch.equal(out.log_prob, traj.log_probs[:, k]), k  # ratio exactly 1 with unchanged weights
 
 
 def test_eta_zero_rejected_for_log_probs(random_pipeline_dir, load_model):
     model = load_model(random_pipeline_dir)
-    x = torch.zeros(1, 4, 8, 8)
+    traj = rollout(model, ["a"], num_steps=1, eta=1.0, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="eta must be > 0"):
-        step_log_prob(model, x, x, torch.tensor([999]), torch.tensor([-1]), model.encode_prompts(["a"]), eta=0.0,
-                      guidance_scale=1.0)
+        step_log_prob(model, traj, 0, eta=0.0, guidance_scale=1.0)
 
 
 def test_shared_initial_noise_and_seeding(random_pipeline_dir, load_model):
@@ -75,7 +73,7 @@ def test_trajectory_select_cat_and_step_reorder(random_pipeline_dir, load_model)
 
 
 def test_lcm_rollout_decodes_last_denoised(random_lcm_dir, load_model):
-    model = load_model(random_lcm_dir)
+    model = load_model(random_lcm_dir, model="tiny_lcm")
     assert model.is_lcm
     traj = rollout(model, ["a", "b"], num_steps=4, eta=1.0, guidance_scale=5.0,
                    generator=torch.Generator().manual_seed(0), keep_x0_preds=True)
@@ -83,8 +81,7 @@ def test_lcm_rollout_decodes_last_denoised(random_lcm_dir, load_model):
     assert traj.prev_timesteps[0].tolist() == [759, 519, 279, 279]  # RLCM: re-noise to the last level
     torch.testing.assert_close(traj.final_latents, traj.x0_preds[:, -1])
     with torch.no_grad():
-        out = step_log_prob(model, traj.latents[:, 2], traj.next_latents[:, 2], traj.timesteps[:, 2],
-                            traj.prev_timesteps[:, 2], traj.prompt_embeds, eta=1.0, guidance_scale=5.0)
+        out = step_log_prob(model, traj, 2, eta=1.0, guidance_scale=5.0)
     assert torch.equal(out.log_prob, traj.log_probs[:, 2])
     one = rollout(model, ["a"], num_steps=1, eta=1.0, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(one.next_latents[:, 0], one.final_latents)  # 1 step: d itself, no noise
@@ -129,22 +126,80 @@ def test_lora_round_trip_into_stock_diffusers_pipeline(random_pipeline_dir, load
     fresh = load_model(random_pipeline_dir)  # resume path: load back into a new adapter
     fresh.add_lora(4, 4)
     fresh.load_lora(tmp_path / "lora")
-    for (n1, p1), (n2, p2) in zip(model.unet.named_parameters(), fresh.unet.named_parameters()):
+    for (n1, p1), (_, p2) in zip(model.unet.named_parameters(), fresh.unet.named_parameters()):
         if "lora" in n1:
             assert torch.equal(p1, p2), n1
 
 
-def test_missing_checkpoint_names_what_to_download(tmp_path):
-    from align_bench.models import DiffusionModel, MissingCheckpointError, ModelSpec
+def test_missing_checkpoint_names_what_to_download(tmp_path, load_model):
+    from align_bench.models import MissingCheckpointError
 
     with pytest.raises(MissingCheckpointError, match="download the diffusers pipeline foo"):
-        DiffusionModel.from_pretrained(ModelSpec(name="x", path=str(tmp_path / "nope"),
-                                                 download_hint="download the diffusers pipeline foo"))
+        load_model(tmp_path / "nope", download_hint="'download the diffusers pipeline foo'")
 
 
-def test_missing_hub_model_offline_names_the_download():
-    from align_bench.models import DiffusionModel, MissingCheckpointError, ModelSpec
+def test_missing_hub_model_offline_names_the_download(load_model):
+    from align_bench.models import MissingCheckpointError
 
     with pytest.raises(MissingCheckpointError, match="nor in the Hugging Face cache.*huggingface-cli download"):
-        DiffusionModel.from_pretrained(ModelSpec(name="sd15", path="nobody/not-a-model",
-                                                 download_hint="huggingface-cli download nobody/not-a-model"))
+        load_model("nobody/not-a-model", model="sd15")
+
+
+def test_rollout_steps_are_the_one_denoising_step(random_pipeline_dir, load_model):
+    """Each recorded transition is `denoising_step` on the stored input with the noise of that step's draw."""
+    from align_bench.core.rollout import denoising_step
+
+    model = load_model(random_pipeline_dir)
+    gen = torch.Generator().manual_seed(5)
+    x_T = model.initial_noise(2, torch.Generator().manual_seed(6))
+    traj = rollout(model, ["a", "b"], num_steps=3, eta=1.0, guidance_scale=5.0, generator=gen, initial_noise=x_T)
+    replay = torch.Generator().manual_seed(5)
+    for k in range(3):
+        noise = torch.randn((2, 4, 8, 8), generator=replay)  # the rollout draws one (B,C,h,w) per step
+        with torch.no_grad():
+            out = denoising_step(model, traj.latents[:, k], traj.timesteps[:, k], traj.prev_timesteps[:, k], traj.cond,
+                                 guidance_scale=5.0, eta=1.0, noise=noise)
+        assert torch.equal(out.prev_sample, traj.next_latents[:, k]) and torch.equal(out.log_prob, traj.log_probs[:, k])
+
+
+def test_conditioning_selects_and_concatenates_with_the_trajectory(random_pipeline_dir, load_model):
+    from align_bench.models.conditioning import Conditioning
+
+    model = load_model(random_pipeline_dir)
+    cond = model.encode_prompts(["a", "b", "c"])
+    assert isinstance(cond, Conditioning) and cond.prompt_embeds.shape[0] == 3 and cond.pooled_embeds is None
+    traj = rollout(model, ["a", "b", "c"], num_steps=2, eta=1.0, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), cond=cond)
+    sub = traj.select([2, 0])
+    assert torch.equal(sub.cond.prompt_embeds, cond.prompt_embeds[[2, 0]])
+    both = Trajectory.cat([sub, traj.select(slice(1, 2))])
+    assert torch.equal(both.cond.prompt_embeds, cond.prompt_embeds[[2, 0, 1]])
+    assert torch.equal(model.uncond(3).prompt_embeds[2], model.encode_prompts([""]).prompt_embeds[0])
+    sdxl_like = Conditioning(torch.zeros(2, 3, 4), pooled_embeds=torch.arange(2.0)[:, None], time_ids=torch.ones(2, 6))
+    picked = Conditioning.cat([sdxl_like, sdxl_like]).select(torch.tensor([3, 0]))
+    assert picked.pooled_embeds.flatten().tolist() == [1.0, 0.0] and picked.time_ids.shape == (2, 6)
+    with pytest.raises(ValueError, match="different fields"):
+        Conditioning.cat([sdxl_like, Conditioning(torch.zeros(1, 3, 4))])
+
+
+def test_trajectory_file_round_trip_loads_with_weights_only(random_pipeline_dir, load_model, tmp_path):
+    model = load_model(random_pipeline_dir)
+    traj = rollout(model, ["a", "b"], num_steps=2, eta=1.0, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), keep_x0_preds=True)
+    torch.save({"trajectory": traj.state()}, tmp_path / "t.pt")
+    back = Trajectory.from_state(torch.load(tmp_path / "t.pt", weights_only=True)["trajectory"])
+    assert back.prompts == traj.prompts and back.images is None
+    for name in ("latents", "next_latents", "log_probs", "timesteps", "x0_preds", "final_latents"):
+        assert torch.equal(getattr(back, name), getattr(traj, name)), name
+    assert torch.equal(back.cond.prompt_embeds, traj.cond.prompt_embeds)
+
+
+@pytest.mark.parametrize("model_cfg, which", [("tiny", "lcm"), ("tiny_lcm", "sd")])
+def test_family_that_contradicts_the_checkpoint_is_refused_at_load(random_pipeline_dir, random_lcm_dir, load_model,
+                                                                  model_cfg, which):
+    path = random_lcm_dir if which == "lcm" else random_pipeline_dir
+    with pytest.raises(ValueError) as e:
+        load_model(path, model=model_cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and f"model.family={'sd' if which == 'lcm' else 'lcm'}" in msg
+    assert f"set model.family={which}" in msg

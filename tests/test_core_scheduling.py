@@ -1,4 +1,4 @@
-"""Scheduler kernels against closed forms and the reference values of algorithms.md §1.1–§1.3."""
+"""Scheduler kernels against closed forms and the references' values (DDIM σ at the reference grids, DDPM ᾱ)."""
 
 import math
 
@@ -140,3 +140,39 @@ def test_lcm_step_boundary_and_last_step():
     noisy = S.lcm_step(eps, 519, 279, x, ALPHAS, noise=torch.zeros_like(x))
     torch.testing.assert_close(noisy.prev_sample, ALPHAS[279].sqrt() * noisy.x0_pred)
     assert noisy.std[0].item() == pytest.approx((1 - ALPHAS[279]).sqrt().item())
+
+
+# ------------------------------------------------------------------------------------------------ SPO's children
+@pytest.mark.parametrize("kernel", ["ddim", "lcm"])
+def test_children_share_the_transition_and_differ_only_through_their_distance(kernel):
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t, t_prev = torch.tensor([999, 749, 499]), torch.tensor([749, 499, 249])
+
+    def step(**kw):
+        if kernel == "ddim":
+            return S.ddim_step(eps, t, t_prev, x, ALPHAS, eta=1.0, final_alpha_cumprod=float(ALPHAS[0]), **kw)
+        return S.lcm_step(eps, t, t_prev, x, ALPHAS, **kw)
+
+    parent = step(draw=False)
+    assert parent.prev_sample is None and parent.log_prob is None  # the transition only
+    noise = torch.randn(4, 3, 4, 2, 2, generator=g)  # k = 4 children of each of 3 parents
+    children, log_probs = S.draw_children(parent, noise, torch.float32)
+    assert children.shape == (4, 3, 4, 2, 2) and log_probs.shape == (4, 3)
+    for i in range(4):  # child i is what one ordinary step with the same noise draws, bit for bit
+        one = step(noise=noise[i])
+        assert torch.equal(children[i], one.prev_sample) and torch.equal(log_probs[i], one.log_prob)
+    # shared μ and σ: log π(c_i) − log π(c_j) = −(‖c_i − μ‖² − ‖c_j − μ‖²) / (2σ²·D), D = C·h·w elements
+    D, var = 16, parent.std.view(3) ** 2
+    sq = ((children - parent.mean) ** 2).flatten(2).sum(-1)  # (k, B)
+    torch.testing.assert_close(log_probs - log_probs[0], -(sq - sq[0]) / (2 * var * D), rtol=1e-4, atol=1e-6)
+
+
+def test_children_need_a_stochastic_step():
+    x = torch.randn(1, 4, 2, 2)
+    parent = S.ddim_step(x, 999, 499, x, ALPHAS, eta=0.0, final_alpha_cumprod=float(ALPHAS[0]), draw=False)
+    with pytest.raises(ValueError, match="stochastic"):
+        S.draw_children(parent, torch.randn(2, 1, 4, 2, 2), torch.float32)
+    with pytest.raises(ValueError, match="noise must be"):
+        S.draw_children(S.ddim_step(x, 999, 499, x, ALPHAS, eta=1.0, final_alpha_cumprod=0.999, draw=False),
+                        torch.randn(1, 4, 2, 2), torch.float32)

@@ -11,8 +11,8 @@ import torch
 from conftest import FAST_RUN, compose, tiny_world_missing
 
 from align_bench.algorithms import d3po
-from align_bench.algorithms.common import collect_pairs
-from align_bench.core.rollout import Trajectory, rollout, step_log_prob
+from align_bench.algorithms.common import clipped_dpo_loss, sample_groups
+from align_bench.core.rollout import rollout, step_log_prob
 from align_bench.core.scheduling import gaussian_log_prob
 
 LOG2 = math.log(2.0)
@@ -52,7 +52,7 @@ def test_d3po_loss_matches_formula_including_clipping():
     logp = ref + torch.tensor([[0.01, -0.02], [0.3, 0.0], [-0.5, 0.2], [0.05, 0.05], [0.0, 0.0], [-0.05, 0.4]])
     signs = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [0.0, 0.0], [1.0, -1.0], [-1.0, 1.0]])
     for beta, eps in [(0.1, 0.1), (10.0, 0.2), (1.0, 0.5)]:
-        loss, _ = d3po.d3po_loss(logp, ref, signs, beta, eps)
+        loss, _ = clipped_dpo_loss(logp, ref, signs, beta, eps)
         assert loss.item() == pytest.approx(_reference_formula(logp, ref, signs, beta, eps), rel=1e-5)
 
 
@@ -62,7 +62,7 @@ def test_d3po_loss_is_log2_with_documented_gradient_at_init():
     ref = torch.randn(B, 2)
     logp = ref.clone().requires_grad_(True)
     signs = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [0.0, 0.0]])
-    loss, _ = d3po.d3po_loss(logp, ref, signs, beta, 0.1)
+    loss, _ = clipped_dpo_loss(logp, ref, signs, beta, 0.1)
     assert loss.item() == pytest.approx(LOG2, abs=1e-7)
     loss.backward()
     expected = -beta / 2 * signs / B
@@ -73,7 +73,7 @@ def test_d3po_loss_is_log2_with_documented_gradient_at_init():
 def test_clipped_ratio_has_zero_gradient():
     ref = torch.zeros(1, 2)
     logp = torch.tensor([[0.2, -0.01]], requires_grad=True)  # ratio 1.22 > 1.1 is clipped; 0.99 is not
-    loss, info = d3po.d3po_loss(logp, ref, torch.tensor([[1.0, -1.0]]), 0.1, 0.1)
+    loss, info = clipped_dpo_loss(logp, ref, torch.tensor([[1.0, -1.0]]), 0.1, 0.1)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
     assert info["clipfrac"].item() == pytest.approx(0.5)
@@ -93,7 +93,7 @@ def test_one_step_raises_the_preferred_log_prob_on_a_toy_gaussian_policy():
 
     before = logps(mu0)
     opt = torch.optim.SGD([theta], lr=1.0)
-    loss, _ = d3po.d3po_loss(logps(theta), before, torch.tensor([[1.0, -1.0]]), beta=0.1, eps=0.1)
+    loss, _ = clipped_dpo_loss(logps(theta), before, torch.tensor([[1.0, -1.0]]), beta=0.1, eps=0.1)
     assert loss.item() == pytest.approx(LOG2)
     loss.backward()
     opt.step()
@@ -107,12 +107,11 @@ def test_pairs_share_initial_noise_and_diverge(random_pipeline_dir, load_model):
     gen = torch.Generator().manual_seed(0)
 
     def sample(prompts, **kw):
-        traj = rollout(model, prompts, num_steps=3, eta=1.0, guidance_scale=5.0, generator=gen, **kw)
-        return traj, torch.zeros(len(prompts))
+        return rollout(model, prompts, num_steps=3, eta=1.0, guidance_scale=5.0, generator=gen, **kw)
 
     ctx = SimpleNamespace(prompt_sampler=SimpleNamespace(sample=lambda n: [f"p{i}" for i in range(n)]),
-                          model=model, generator=gen, sample=sample)
-    traj, _ = d3po.sample_pairs(ctx, 3)
+                          model=model, generator=gen, rollout=sample)
+    traj = sample_groups(ctx, 3, 2, shared_x_T=True).traj  # D3PO's pairs
     assert traj.prompts[:3] == traj.prompts[3:]
     torch.testing.assert_close(traj.latents[:3, 0], traj.latents[3:, 0], rtol=0, atol=0)
     assert not torch.allclose(traj.next_latents[:3, 0], traj.next_latents[3:, 0])  # independent η-noise
@@ -131,15 +130,14 @@ def test_reference_is_lora_disabled_and_model_level_gradient_at_init(random_pipe
     j, beta = 0, 0.1
 
     def logp():
-        return step_log_prob(model, traj.latents[:, j], traj.next_latents[:, j], traj.timesteps[:, j],
-                             traj.prev_timesteps[:, j], traj.prompt_embeds, eta=1.0, guidance_scale=5.0).log_prob
+        return step_log_prob(model, traj, j, eta=1.0, guidance_scale=5.0).log_prob
 
     with torch.no_grad(), model.lora_disabled():
         ref = logp()
     torch.testing.assert_close(ref, base_lp, rtol=0, atol=1e-6)
     lp = logp()
     signs = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # pair 0: member 0 wins; pair 1: member 1 wins
-    loss, _ = d3po.d3po_loss(torch.stack([lp[:2], lp[2:]], 1), torch.stack([ref[:2], ref[2:]], 1), signs, beta, 0.1)
+    loss, _ = clipped_dpo_loss(torch.stack([lp[:2], lp[2:]], 1), torch.stack([ref[:2], ref[2:]], 1), signs, beta, 0.1)
     assert loss.item() == pytest.approx(LOG2, abs=1e-6)
     grads = torch.autograd.grad(loss, params, retain_graph=True)
     # documented gradient, averaged over the B = 2 pairs: −(β/2)·mean_b(∇log π_w − ∇log π_l)
@@ -228,30 +226,7 @@ def test_loss_gradient_stays_finite_when_the_ratio_overflows():
     """A log-ratio beyond float32's exp range (a far-moved policy at a low-noise step) must give a zero gradient for
     that member, not NaN (exp → inf, clamp → 1+ε, 0·inf)."""
     log_prob = torch.tensor([[200.0, 0.0]], requires_grad=True)
-    loss, _ = d3po.d3po_loss(log_prob, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), beta=0.1, eps=0.1)
+    loss, _ = clipped_dpo_loss(log_prob, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), beta=0.1, eps=0.1)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_prob.grad).all()
     assert log_prob.grad[0, 0] == 0  # clipped member: no gradient
-
-
-def test_collect_pairs_keeps_pair_p_at_index_p_across_rollout_calls():
-    calls = iter(range(100))
-
-    def fake_sample_pairs(ctx, batch_size):  # call c: pair p has member 0 = 10c + p, member 1 = −(10c + p)
-        c = next(calls)
-        ids = torch.tensor([10.0 * c + p for p in range(batch_size)])
-        both = torch.cat([ids, -ids])
-        traj = Trajectory(prompts=[f"c{c}p{p}" for p in range(batch_size)] * 2, prompt_embeds=both[:, None],
-                          timesteps=both[:, None], prev_timesteps=both[:, None], latents=both[:, None, None],
-                          next_latents=both[:, None, None], log_probs=both[:, None], final_latents=both[:, None],
-                          images=both[:, None])
-        return traj, both + 0.5
-
-    m0, m1, r0, r1 = collect_pairs(SimpleNamespace(progress=False), fake_sample_pairs, batch_size=3, num_batches=2)
-    expected = torch.tensor([0.0, 1, 2, 10, 11, 12])
-    assert m0.prompts == m1.prompts == ["c0p0", "c0p1", "c0p2", "c1p0", "c1p1", "c1p2"]
-    torch.testing.assert_close(m0.latents[:, 0, 0], expected)
-    torch.testing.assert_close(m1.latents[:, 0, 0], -expected)
-    torch.testing.assert_close(r0, expected + 0.5)
-    torch.testing.assert_close(r1, -expected + 0.5)
-    assert m0.images is None and m1.images is None  # dropped: training needs latents only

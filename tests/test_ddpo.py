@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_RUN, compose
 
 from align_bench.algorithms import ddpo
 from align_bench.core.stats import PromptStatTracker
-from conftest import FAST_RUN, compose
 
 
 def test_ppo_loss_hand_computed():

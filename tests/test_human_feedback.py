@@ -40,7 +40,7 @@ def test_sample_label_train_round_trip(random_pipeline_dir, load_model, tmp_path
                  "eval.base=false", "steps.eval=[1]"]
     cfg = compose(["algo=d3po", *overrides])
     model = load_model(random_pipeline_dir)
-    data = hf.sample_groups(model, ["cat", "dog"], 3, hf._settings(cfg), tmp_path / "hf",
+    data = hf.sample_groups(model, ["cat", "dog"], 3, hf.sampling_settings(cfg), tmp_path / "hf",
                             torch.Generator().manual_seed(0))
     stored = torch.load(data / hf.TRAJECTORY_FILE, weights_only=False)
     lat = stored["trajectory"]["latents"]

@@ -12,6 +12,7 @@ import torch
 from conftest import FAST_RUN, compose, tiny_world_missing
 
 from align_bench.algorithms import rebel
+from align_bench.algorithms.common import sample_groups
 from align_bench.core.rollout import rollout, step_log_prob
 from align_bench.core.scheduling import gaussian_log_prob
 from align_bench.core.stats import PromptStatTracker
@@ -104,11 +105,11 @@ def test_pairs_have_independent_initial_noise(random_pipeline_dir, load_model):
     gen = torch.Generator().manual_seed(0)
 
     def sample(prompts, **kw):
-        return rollout(model, prompts, num_steps=2, eta=1.0, guidance_scale=5.0, generator=gen, **kw), None
+        return rollout(model, prompts, num_steps=2, eta=1.0, guidance_scale=5.0, generator=gen, **kw)
 
     ctx = SimpleNamespace(prompt_sampler=SimpleNamespace(sample=lambda n: [f"p{i}" for i in range(n)]),
-                          model=model, generator=gen, sample=sample)
-    traj, _ = rebel.sample_pairs(ctx, 2)
+                          model=model, generator=gen, rollout=sample)
+    traj = sample_groups(ctx, 2, 2, shared_x_T=False).traj  # REBEL's pairs
     assert traj.prompts[:2] == traj.prompts[2:]
     assert not torch.allclose(traj.latents[:2, 0], traj.latents[2:, 0])
 
@@ -117,7 +118,7 @@ def test_pairs_have_independent_initial_noise(random_pipeline_dir, load_model):
 def test_per_step_backward_equals_whole_graph_gradient_on_the_model(random_pipeline_dir, random_lcm_dir,
                                                                     load_model, lcm):
     """The memory-saving per-step backward gives the reference's whole-trajectory gradient (DDIM and LCM)."""
-    model = load_model(random_lcm_dir if lcm else random_pipeline_dir)
+    model = load_model(random_lcm_dir, model="tiny_lcm") if lcm else load_model(random_pipeline_dir)
     model.add_lora(4, 4)
     params = model.lora_parameters()
     with torch.no_grad():
@@ -131,8 +132,7 @@ def test_per_step_backward_equals_whole_graph_gradient_on_the_model(random_pipel
     adv, adv2, c, N = torch.tensor([1.0, -0.3]), torch.tensor([-0.5, 0.8]), 0.5, 3
 
     def step_lps(k):
-        return step_log_prob(model, both.latents[:, k], both.next_latents[:, k], both.timesteps[:, k],
-                             both.prev_timesteps[:, k], both.prompt_embeds, eta=1.0, guidance_scale=5.0).log_prob
+        return step_log_prob(model, both, k, eta=1.0, guidance_scale=5.0).log_prob
 
     total = sum(step_lps(k) for k in range(N))
     old = both.log_probs.sum(1)
@@ -234,7 +234,8 @@ def test_reference_presets_compose_and_validate(preset):
 
 # ------------------------------------------------------------------------------------------------ tiny world
 @pytest.mark.slow
-@pytest.mark.skipif(tiny_world_missing("tiny-lcm", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
+@pytest.mark.skipif(tiny_world_missing("tiny-lcm", "clip", "aesthetic"),
+                    reason="tiny world not built (make tiny-world)")
 def test_short_tiny_run_raises_the_eval_reward(tmp_path):
     """The tiny_rebel preset on tiny-lcm + tiny_aesthetic, evaluated at 8 steps only (shorter runs are too noisy to
     assert on). ~2–4 min on 2 cores; measured 5.256 → 5.491 at seed 0 on the committed tiny world."""

@@ -31,7 +31,7 @@ def test_registry_names():
 def test_learned_rewards_are_differentiable(name, gt):
     r = build_reward(name)
     x = torch.nn.functional.interpolate(gt, size=64, mode="nearest").requires_grad_(True)  # also exercises resize
-    out, _ = r(x, CAPS)
+    out = r(x, CAPS)
     assert out.shape == (len(CAPS),) and torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -39,22 +39,22 @@ def test_learned_rewards_are_differentiable(name, gt):
 
 def test_pickscore_ranks_matching_caption_higher(gt):
     r = build_reward("tiny_pickscore")
-    right, _ = r(gt, CAPS)
-    wrong, _ = r(gt, WRONG)
+    right = r(gt, CAPS)
+    wrong = r(gt, WRONG)
     assert (right > wrong).all(), (right, wrong)
 
 
 def test_oracles_on_ground_truth(gt):
     col = build_reward("tiny_colour_accuracy")
-    assert col(gt, CAPS)[0].tolist() == [1.0] * len(CAPS)
-    assert col(gt, WRONG)[0].sum() == 0
+    assert col(gt, CAPS).tolist() == [1.0] * len(CAPS)
+    assert col(gt, WRONG).sum() == 0
     shape = build_reward("tiny_shape_accuracy")
-    assert shape(gt, CAPS)[0].mean() >= 0.8
+    assert shape(gt, CAPS).mean() >= 0.8
 
 
 def test_aesthetic_tracks_the_analytic_score():
     imgs, _ = scenes.render_batch(np.random.default_rng(3), 256)
-    learned = build_reward("tiny_aesthetic")(imgs, [""] * 256)[0]
+    learned = build_reward("tiny_aesthetic")(imgs, [""] * 256)
     true = scenes.aesthetic_score(imgs)
     assert torch.corrcoef(torch.stack([learned, true]))[0, 1] > 0.6
 

@@ -1,7 +1,6 @@
 """Tiny world data: renderer determinism, caption ↔ parameter agreement, pixel oracles, prompt sets."""
 
 import numpy as np
-import pytest
 import torch
 
 from align_bench.tiny import scenes

@@ -1,147 +1,161 @@
-"""Structured-config schemas. Each Hydra group validates against one of these dataclasses, so a typo or a wrong
-type in an override fails at compose time with Hydra's own message. Defaults live in conf/*.yaml, not here:
-fields are declared MISSING (or given the neutral value a yaml may omit)."""
+"""Structured-config schemas: types only. Each Hydra group validates against one of these dataclasses, so a typo
+or a wrong type in an override fails at compose time with Hydra's own message. Every default lives in conf/*.yaml
+with its comment, never here: no field has a default (OmegaConf reads that as MISSING), so a YAML that forgets a
+key fails to compose.
+
+`register_configs` (called by `align_bench.main`) puts the schemas in Hydra's ConfigStore under `schema/<group>`,
+out of the way of the user-facing groups, so `algo=` lists only real algorithms."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 
 @dataclass
 class LoraSchema:
-    rank: int = MISSING
-    alpha: float = MISSING
+    rank: int
+    alpha: float
 
 
 @dataclass
 class ModelSchema:
-    name: str = MISSING
-    path: str = MISSING
-    family: str = MISSING
-    timestep_spacing: str = MISSING
-    steps_offset: int = 0
-    resolution: Optional[int] = None
-    dtype: str = "fp32"
-    guidance_scale: float = MISSING
-    lora: LoraSchema = field(default_factory=LoraSchema)
-    gradient_checkpointing: bool = False
-    download_hint: str = ""
+    name: str
+    path: str
+    family: str
+    timestep_spacing: str
+    steps_offset: int
+    resolution: Optional[int]
+    dtype: str
+    guidance_scale: float
+    lora: LoraSchema
+    gradient_checkpointing: bool
+    download_hint: str
 
 
 @dataclass
 class RewardSchema:
-    name: str = MISSING
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str
+    kwargs: dict[str, Any]
 
 
 @dataclass
 class StepsSchema:
-    train: int = MISSING
-    eval: list[int] = MISSING
+    train: int
+    eval: list[int]
 
 
 @dataclass
 class PromptsSchema:
-    train: str = MISSING
-    eval: str = MISSING
-    eval_max_prompts: Optional[int] = None
-    eval_seeds_per_prompt: int = 1
+    train: str
+    eval: str
+    eval_max_prompts: Optional[int]
+    eval_seeds_per_prompt: int
 
 
 @dataclass
 class LoggerSchema:
-    progress: bool = True
-    log_every: int = 1
-    save_images: bool = True
-    plots: bool = True
+    progress: bool
+    log_every: int
+    save_images: bool
+    plots: bool
 
 
 @dataclass
 class EvalSchema:
-    every: int = 0
-    rewards: list[str] = field(default_factory=list)
-    batch_size: int = 32
-    eta: float = 0.0
-    seed: int = 1234
-    base: bool = True
+    every: int
+    rewards: list[str]
+    batch_size: int
+    eta: float
+    seed: int
+    base: bool
 
 
 @dataclass
 class CheckpointSchema:
-    every: int = 0
-    keep: int = 2
+    every: int
+    keep: int
 
 
 @dataclass
 class OptimSchema:
     """Optimiser keys shared by every algorithm (conf/algo/*.yaml: `train:` block)."""
 
-    learning_rate: float = MISSING
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    learning_rate: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+    max_grad_norm: float
+
+
+@dataclass
+class LogProbTrainSchema(OptimSchema):
+    """The `train:` block of the log-probability algorithms (DDPO, D3PO, REBEL): minibatches of stored
+    trajectories, recomputed log-probs."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    num_inner_epochs: int
+    cfg: bool
 
 
 @dataclass
 class SampleSchema:
-    batch_size: int = MISSING
-    num_batches_per_epoch: int = MISSING
-    eta: float = 1.0
-    guidance_scale: Optional[float] = None  # None: the model's default
+    batch_size: int
+    num_batches_per_epoch: int
+    eta: float
+    guidance_scale: Optional[float]
 
 
 @dataclass
 class StatTrackingSchema:
     """Per-prompt reward statistics (DDPO, REBEL: `per_prompt_stat_tracking:` block)."""
 
-    enabled: bool = MISSING
-    buffer_size: int = MISSING
-    min_count: int = MISSING
+    enabled: bool
+    buffer_size: int
+    min_count: int
 
 
 @dataclass
 class AlgoSchema:
     """Keys every algorithm has; each algorithm module subclasses this with its own."""
 
-    name: str = MISSING
-    num_epochs: int = MISSING
+    name: str
+    num_epochs: int
 
 
 @dataclass
 class Config:
-    algo: Any = MISSING
-    model: ModelSchema = MISSING
-    reward: RewardSchema = MISSING
-    steps: StepsSchema = MISSING
-    prompts: PromptsSchema = MISSING
-    logger: LoggerSchema = MISSING
-    eval: EvalSchema = field(default_factory=EvalSchema)
-    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
-    name: str = "default"
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: str = "no"
-    resume: bool = False
-    run_dir: Optional[str] = None
-    experiment: Optional[str] = None
+    algo: Any
+    model: ModelSchema
+    reward: RewardSchema
+    steps: StepsSchema
+    prompts: PromptsSchema
+    logger: LoggerSchema
+    eval: EvalSchema
+    checkpoint: CheckpointSchema
+    name: str
+    seed: int
+    device: str
+    mixed_precision: str
+    resume: bool
+    run_dir: Optional[str]
+    experiment: Optional[str]
 
 
-def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore (one `<name>_schema` per algorithm, mirroring the registry)."""
-    from .algorithms import ALGORITHMS
+GROUP_SCHEMAS = {"model": ModelSchema, "reward": RewardSchema, "steps": StepsSchema, "prompts": PromptsSchema,
+                 "logger": LoggerSchema}
 
+
+def register_configs(algorithm_schemas: dict[str, type]) -> None:
+    """Store the top-level schema as `config_schema`, each group's as `schema/<group>` and each algorithm's as
+    `schema/algo/<name>` (conf/<group>/*.yaml list them first in their defaults)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="model_schema", node=ModelSchema)
-    cs.store(group="reward", name="reward_schema", node=RewardSchema)
-    cs.store(group="steps", name="steps_schema", node=StepsSchema)
-    cs.store(group="prompts", name="prompts_schema", node=PromptsSchema)
-    cs.store(group="logger", name="logger_schema", node=LoggerSchema)
-    for name, module in ALGORITHMS.items():
-        cs.store(group="algo", name=f"{name}_schema", node=module.Config)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=node)
+    for name, node in algorithm_schemas.items():
+        cs.store(group="schema/algo", name=name, node=node)

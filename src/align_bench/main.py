@@ -10,13 +10,26 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import REPO_ROOT
+from .algorithms import ALGORITHMS
 from .config import register_configs
 
-register_configs()
+register_configs({name: module.Config for name, module in ALGORITHMS.items()})
 # `${or:a,b}` = a unless it is null (oc.select returns a null value as is); used by hydra.run.dir.
 if not OmegaConf.has_resolver("or"):
     OmegaConf.register_new_resolver("or", lambda a, b: b if a is None else a)
 CONFIG_DIR = str(REPO_ROOT / "conf")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml with `overrides`, exactly as `python train.py <overrides>` composes it (for scripts,
+    benchmarks and tests that need a config without running Hydra's app)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -1,7 +1,7 @@
 """Prompt registry: name → list of prompts. A path to a text file (one prompt per line) also works.
 
 Training prompts are drawn per sample, uniformly with replacement, from a seeded generator (as every reference
-does, algorithms.md §1.7); evaluation prompts are the whole list, in order, with fixed seeds.
+does); evaluation prompts are the whole list, in order, with fixed seeds.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from . import resolve_path
+from .tiny.prompts import TINY_PROMPT_SETS
 
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
 
@@ -47,9 +48,12 @@ def simple_animals_activities() -> list[str]:
     return [f"{article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in activities]
 
 
+for _name, _fn in TINY_PROMPT_SETS.items():
+    register_prompts(_name)(_fn)
+
+
 def load_prompts(name_or_path: str) -> list[str]:
     """Registered name, or a text file with one prompt per line (blank lines dropped, unlike AlignProp's loader)."""
-    _register_optional()
     if name_or_path in PROMPT_SETS:
         prompts = PROMPT_SETS[name_or_path]()
     else:
@@ -61,13 +65,6 @@ def load_prompts(name_or_path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt set {name_or_path!r} is empty")
     return prompts
-
-
-def _register_optional() -> None:
-    try:  # the tiny world registers its grammar-generated prompt sets on import
-        from .tiny import prompts as _tiny_prompts  # noqa: F401
-    except ImportError:
-        pass
 
 
 class PromptSampler:

@@ -1,8 +1,9 @@
 """One training run, top to bottom: validate → load → evaluate base → epochs of the chosen algorithm → evaluate
 final → metrics.json. The algorithm module supplies `train_epoch`; everything else is shared here.
 
-No trainer class: `RunContext` is a bag of the run's objects plus three helpers every algorithm uses
-(`sample`, `backward`, `gather`)."""
+No trainer class: `RunContext` is a bag of the run's objects plus the helpers every algorithm uses: `rollout`
+(sample with the current policy), `score` (the training reward; the only place that counts reward queries),
+`backward` and `gather`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .algorithms import get_algorithm
 from .core import checkpoint as ckpt
 from .core.evaluation import eval_items, evaluate, format_table, merge_scores, summarize
 from .core.rollout import Trajectory, rollout
-from .models.diffusion import DiffusionModel, ModelSpec
+from .models.diffusion import FAMILIES, DiffusionModel, ModelSpec
 from .prompts import PromptSampler, load_prompts
 from .rewards import build_reward, differentiable_rewards, reward_info
 
@@ -55,17 +56,25 @@ class RunContext:
     def progress(self) -> bool:
         return bool(self.cfg.logger.progress) and self.accelerator.is_main_process
 
-    def sample(self, prompts: list[str], **rollout_kwargs) -> tuple[Trajectory, torch.Tensor]:
-        """Roll out `prompts` with the current policy and score them: (trajectory, rewards (B,) float32)."""
+    def rollout(self, prompts: list[str], **rollout_kwargs) -> Trajectory:
+        """Sample `prompts` with the current policy through the prepared UNet: the training step count, η, guidance
+        and noise stream unless `rollout_kwargs` (any of `core.rollout.rollout`'s) say otherwise. Counts the
+        trajectories in `images`. Runs the UNet in train mode only when sampling with grad (AlignProp)."""
         kwargs = dict(num_steps=int(self.cfg.steps.train), eta=float(self.cfg.algo.sample.eta),
                       guidance_scale=self.guidance_scale, generator=self.generator, unet=self.unet)
         kwargs.update(rollout_kwargs)
-        self.unet.eval()
+        self.unet.train(kwargs.get("grad_from_step") is not None)
         traj = rollout(self.model, prompts, **kwargs)
-        rewards, _ = self.reward_fn(traj.images, prompts)
-        self.counters["reward_queries"] += len(prompts)
         self.counters["images"] += len(prompts)
-        return traj, rewards.detach().float()
+        return traj
+
+    def score(self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training reward of B images (B,) float32: final samples, or x̂0 predictions at `timesteps` (B,) for
+        a step-aware reward (plain rewards ignore them). The only place that counts reward queries. Gradients
+        reach `images` when the reward is differentiable and grad is on (AlignProp)."""
+        rewards = self.reward_fn(images, prompts, timesteps)
+        self.counters["reward_queries"] += len(images)
+        return rewards
 
     def backward(self, loss: torch.Tensor) -> float | None:
         """Inside `accelerator.accumulate(unet)`: backward, and at sync steps clip, step, zero. Returns the grad
@@ -93,6 +102,8 @@ class RunContext:
 def validate(cfg: DictConfig) -> None:
     """Fail fast, in one line, on settings that cannot work — before any weight is loaded."""
     algo = get_algorithm(cfg.algo.name)
+    if cfg.model.family not in FAMILIES:
+        raise ValueError(f"unknown model.family {cfg.model.family!r}; expected one of {list(FAMILIES)}")
     reward_cls = reward_info(cfg.reward.name)
     if getattr(algo, "REQUIRES_DIFFERENTIABLE_REWARD", False) and not reward_cls.differentiable:
         raise ValueError(f"algo={cfg.algo.name} backpropagates through the reward, but reward={cfg.reward.name} is "
@@ -129,9 +140,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     seed = int(cfg.seed) + 1000 * accelerator.process_index
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
-    spec = ModelSpec(**{k: cfg.model[k] for k in ("name", "path", "family", "timestep_spacing", "steps_offset",
-                                                  "resolution", "dtype", "download_hint")})
-    model = DiffusionModel.from_pretrained(spec, device=accelerator.device)
+    model = DiffusionModel.from_pretrained(ModelSpec.from_config(cfg.model), device=accelerator.device)
     if cfg.model.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.add_lora(int(cfg.model.lora.rank), float(cfg.model.lora.alpha))
@@ -228,7 +237,7 @@ class _null:
 
 def _lora_in_sync(ctx: RunContext) -> bool:
     """True iff every process ends with identical LoRA weights — i.e. gradients were all-reduced (the references'
-    unwrapped-UNet forward silently breaks this under DDP; algorithms.md §1.6)."""
+    forward through the unwrapped UNet silently breaks this under DDP; docs/architecture.md)."""
     acc = ctx.accelerator
     if acc.num_processes == 1:
         return True

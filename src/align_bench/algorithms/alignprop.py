@@ -1,6 +1,9 @@
-"""AlignProp — reward backpropagation through the sampler (Prabhudesai et al., 2023; mihirp1998/AlignProp).
+"""AlignProp — reward backpropagation through the sampler: Prabhudesai, Goyal, Pathak, Fragkiadaki, "Aligning
+Text-to-Image Diffusion Models with Reward Backpropagation", arXiv:2310.03739 (2023); reference code
+mihirp1998/AlignProp. What it optimises, its equations and every difference from the reference:
+docs/algos/alignprop.md.
 
-Spec: algorithms.md §6. No log-probs, advantages or stored rollouts: each micro-batch is sampled *with gradients*
+No log-probs, advantages or stored rollouts: each micro-batch is sampled *with gradients*
 (stochastic DDIM, η = 1, CFG), decoded by the VAE with gradients, scored by a differentiable reward, and the
 loss (e.g. |r − 10| for the aesthetic score, 1 − score for HPS, ×0.01) is backpropagated into the LoRA weights
 through the decoder and the last K denoising steps only. Steps before the truncation point b = N − K run under
@@ -31,7 +34,7 @@ at batch 1 (one UNet call with and without checkpointing, decode + reward) and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -47,37 +50,37 @@ REQUIRES_DIFFERENTIABLE_REWARD = True  # runner.validate refuses a non-different
 
 @dataclass
 class TrainSchema(OptimSchema):
-    gradient_checkpointing: bool = True  # checkpoint every grad-enabled UNet call (reference: on)
-    checkpoint_decoder: bool = False  # also checkpoint the VAE decode (reference: off)
-    memory_check: bool = True  # refuse up front a configuration whose activations cannot fit
-    memory_limit_gb: Optional[float] = None  # plan against this budget instead of the measured free memory
+    gradient_checkpointing: bool
+    checkpoint_decoder: bool
+    memory_check: bool
+    memory_limit_gb: Optional[float]
 
 
 @dataclass
 class BackpropSchema:
-    strategy: str = "gaussian"  # gaussian | uniform | fixed
-    k_mean: float = 8.0
-    k_std: float = 5.0
-    k_min: int = 1
-    k_max: Optional[int] = None
-    k: int = 1
+    strategy: str
+    k_mean: float
+    k_std: float
+    k_min: int
+    k_max: Optional[int]
+    k: int
 
 
 @dataclass
 class LossSchema:
-    form: str = "target_l1"  # target_l1 | negative | one_minus
-    target: float = 10.0
-    grad_scale: float = 1.0
-    coeff: float = 0.01
+    form: str
+    target: Optional[float]
+    grad_scale: float
+    coeff: float
 
 
 @dataclass
 class Config(AlgoSchema):
-    sample: SampleSchema = field(default_factory=SampleSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
-    backprop: BackpropSchema = field(default_factory=BackpropSchema)
-    loss: LossSchema = field(default_factory=LossSchema)
-    reference_double_denormalize: bool = False
+    sample: SampleSchema
+    train: TrainSchema
+    backprop: BackpropSchema
+    loss: LossSchema
+    reference_double_denormalize: bool
 
 
 LOSS_FORMS = ("target_l1", "negative", "one_minus")
@@ -224,7 +227,7 @@ def probe_per_sample_bytes(model, reward_fn, prompt: str, *, guidance_scale: flo
     out = {}
     for name, ckpt in (("unet", False), ("unet_ckpt", True)):
         # One grad-enabled step (a 1-step rollout: activation sizes do not depend on t); no decode here.
-        nbytes, traj = saved_tensor_bytes(lambda: rollout(
+        nbytes, traj = saved_tensor_bytes(lambda ckpt=ckpt: rollout(
             model, [prompt], num_steps=1, eta=eta, guidance_scale=guidance_scale, generator=gen, unet=unet,
             grad_from_step=0, gradient_checkpointing=ckpt, decode=False), weights)
         inputs = traj.final_latents.numel() * traj.final_latents.element_size() * 2  # x_t kept by the checkpoint
@@ -235,7 +238,7 @@ def probe_per_sample_bytes(model, reward_fn, prompt: str, *, guidance_scale: flo
     def tail():
         images = (checkpoint(model.decode, latents, use_reentrant=False)
                   if checkpoint_decoder else model.decode(latents))
-        return reward_fn(reward_input(images, double_denormalize), [prompt])[0]
+        return reward_fn(reward_input(images, double_denormalize), [prompt])
 
     out["tail"], _ = saved_tensor_bytes(tail, weights)
     if checkpoint_decoder:  # recomputing the decode in backward needs its full activations once
@@ -331,16 +334,13 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
         K = draw_backprop_steps(N, bp.strategy, ctx.generator, k_mean=float(bp.k_mean), k_std=float(bp.k_std),
                                 k_min=int(bp.k_min), k_max=bp.k_max, k=int(bp.k))
         with acc.accumulate(ctx.unet):
-            traj = rollout(ctx.model, prompts, num_steps=N, eta=float(cfg.sample.eta),
-                           guidance_scale=ctx.guidance_scale, generator=ctx.generator, unet=ctx.unet,
-                           grad_from_step=N - K, gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
-                           checkpoint_decode=bool(cfg.train.checkpoint_decoder))
-            rewards, _ = ctx.reward_fn(reward_input(traj.images, bool(cfg.reference_double_denormalize)), prompts)
-            loss = alignprop_loss(rewards.float(), cfg.loss.form, cfg.loss.target, float(cfg.loss.grad_scale),
+            traj = ctx.rollout(prompts, grad_from_step=N - K,
+                               gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+                               checkpoint_decode=bool(cfg.train.checkpoint_decoder))
+            rewards = ctx.score(reward_input(traj.images, bool(cfg.reference_double_denormalize)), prompts)
+            loss = alignprop_loss(rewards, cfg.loss.form, cfg.loss.target, float(cfg.loss.grad_scale),
                                   float(cfg.loss.coeff))
             grad_norm = ctx.backward(loss)
-        ctx.counters["reward_queries"] += B
-        ctx.counters["images"] += B
         logs["loss"].append(loss.item())
         logs["backprop_steps"].append(K)
         if grad_norm is not None:

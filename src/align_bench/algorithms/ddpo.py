@@ -1,6 +1,8 @@
-"""DDPO — Denoising Diffusion Policy Optimization (Black et al., 2023; kvablack/ddpo-pytorch).
+"""DDPO — Denoising Diffusion Policy Optimization: Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models
+with Reinforcement Learning", ICLR 2024 (arXiv:2305.13301); reference code kvablack/ddpo-pytorch. What it optimises,
+its equations and every difference from the reference: docs/algos/ddpo.md.
 
-Spec: algorithms.md §2. Each epoch: sample `sample.batch_size × sample.num_batches_per_epoch` trajectories with
+Each epoch: sample `sample.batch_size × sample.num_batches_per_epoch` trajectories with
 the stochastic DDIM sampler (η > 0) and record per-step log-probs; score them; per-prompt normalised advantages
 (one scalar per trajectory, broadcast to all its steps); then `train.num_inner_epochs` passes of the clipped PPO
 objective on per-step importance ratios, every (minibatch, trained timestep) one backward call.
@@ -12,34 +14,31 @@ Works unchanged on LCM models (RLCM's PPO): the adapter supplies the stochastic 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import AlgoSchema, OptimSchema, SampleSchema, StatTrackingSchema
+from ..config import AlgoSchema, LogProbTrainSchema, SampleSchema, StatTrackingSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
-from .common import num_train_timesteps, validate_log_prob_policy, validate_minibatches
+from .common import (num_train_timesteps, process_slice, record_step, training_guidance, validate_log_prob_policy,
+                     validate_minibatches)
 
 
 @dataclass
-class TrainSchema(OptimSchema):
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    num_inner_epochs: int = 1
-    cfg: bool = True
-    adv_clip_max: float = 5.0
-    clip_range: float = 1e-4
-    timestep_fraction: float = 1.0
+class TrainSchema(LogProbTrainSchema):
+    adv_clip_max: float
+    clip_range: float
+    timestep_fraction: float
 
 
 @dataclass
 class Config(AlgoSchema):
-    sample: SampleSchema = field(default_factory=SampleSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
-    per_prompt_stat_tracking: StatTrackingSchema = field(default_factory=StatTrackingSchema)
+    sample: SampleSchema
+    train: TrainSchema
+    per_prompt_stat_tracking: StatTrackingSchema
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -98,20 +97,18 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
     # ---- sample
     trajs, rewards = [], []
     for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc="sampling", leave=False, disable=not ctx.progress):
-        traj, r = ctx.sample(ctx.prompt_sampler.sample(int(cfg.sample.batch_size)))
+        traj = ctx.rollout(ctx.prompt_sampler.sample(int(cfg.sample.batch_size)))
+        rewards.append(ctx.score(traj.images, traj.prompts))
         traj.images = None  # not needed for training; frees memory
         trajs.append(traj)
-        rewards.append(r)
     traj, rewards = Trajectory.cat(trajs), torch.cat(rewards)
 
     # ---- advantages over all processes' samples; each process keeps its own slice
     all_prompts, all_rewards = ctx.gather(traj.prompts, rewards)
-    all_adv = compute_advantages(all_prompts, all_rewards.cpu().numpy(), state["tracker"])
-    mine = torch.as_tensor(all_adv, dtype=torch.float32).reshape(acc.num_processes, -1)[acc.process_index]
-    advantages = mine.to(traj.latents.device)
+    advantages = process_slice(acc, compute_advantages(all_prompts, all_rewards.cpu().numpy(), state["tracker"]))
 
     # ---- PPO updates
-    guidance = ctx.guidance_scale if cfg.train.cfg else 1.0
+    guidance = training_guidance(ctx)
     ctx.unet.train()
     logs: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio_mean": [], "grad_norm": []}
     for _ in range(int(cfg.train.num_inner_epochs)):
@@ -123,17 +120,12 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
             mb, mb_adv = shuffled.select(slice(start, start + bs)), adv[start:start + bs]
             for j in range(n_steps):
                 with acc.accumulate(ctx.unet):
-                    out = step_log_prob(ctx.model, mb.latents[:, j], mb.next_latents[:, j], mb.timesteps[:, j],
-                                        mb.prev_timesteps[:, j], mb.prompt_embeds, eta=float(cfg.sample.eta),
-                                        guidance_scale=guidance, unet=ctx.unet)
+                    out = step_log_prob(ctx.model, mb, j, eta=float(cfg.sample.eta), guidance_scale=guidance,
+                                        unet=ctx.unet)
                     loss, info = ppo_loss(out.log_prob, mb.log_probs[:, j], mb_adv, float(cfg.train.clip_range),
                                           float(cfg.train.adv_clip_max))
                     grad_norm = ctx.backward(loss)
-                logs["loss"].append(loss.item())
-                for k, v in info.items():
-                    logs[k].append(v.item())
-                if grad_norm is not None:
-                    logs["grad_norm"].append(grad_norm)
+                record_step(logs, loss, info, grad_norm)
                 bar.update(1)
         bar.close()
 

@@ -1,7 +1,10 @@
-"""REBEL — REgression to RElative REward Based RL (Gao et al., 2024), as RLCM applies it to diffusion
-(Oertell et al., 2024; Owen-Oertell/rlcm, `training.algorithm = "rebel"`).
+"""REBEL — REgression to RElative REward Based RL: Gao, Chang, Zhan, Oertell, Swamy, Brantley, Joachims, Bagnell,
+Lee, Sun, "REBEL: Reinforcement Learning via Regressing Relative Rewards", NeurIPS 2024 (arXiv:2404.16767), as
+Oertell, Chang, Zhang, Brantley, Sun, "RL for Consistency Models: Faster Reward Guided Text-to-Image Generation",
+RLC 2024 (arXiv:2404.03673) applies it to diffusion; reference code Owen-Oertell/rlcm (`training.algorithm=rebel`).
+What it optimises, its equations and every difference from the reference: docs/algos/rebel.md.
 
-Spec: algorithms.md §4. Each epoch: for each of `sample.num_batches_per_epoch` rollout calls, draw
+Each epoch: for each of `sample.num_batches_per_epoch` rollout calls, draw
 `sample.batch_size` prompts and sample each prompt TWICE with independent initial noise (y, y′; no shared x_T);
 score both; per-prompt normalised advantages over the pooled rewards of both members (one stat tracker); then
 regress the difference of trajectory log-ratios onto the difference of advantages:
@@ -27,33 +30,29 @@ clip gradients; `max_grad_norm: .inf` reproduces that (set a number for a fair c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import AlgoSchema, OptimSchema, SampleSchema, StatTrackingSchema
+from ..config import AlgoSchema, LogProbTrainSchema, SampleSchema, StatTrackingSchema
 from ..core.rollout import Trajectory, step_log_prob
 from ..core.stats import PromptStatTracker, whiten
-from .common import collect_pairs, validate_log_prob_policy, validate_minibatches
+from .common import collect_groups, process_slice, training_guidance, validate_log_prob_policy, validate_minibatches
 
 
 @dataclass
-class TrainSchema(OptimSchema):
-    batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    num_inner_epochs: int = 1
-    cfg: bool = True
-    rebel_lr: float = 1.0
-    lr_decay: float = 0.0
+class TrainSchema(LogProbTrainSchema):
+    rebel_lr: float
+    lr_decay: float
 
 
 @dataclass
 class Config(AlgoSchema):
-    sample: SampleSchema = field(default_factory=SampleSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
-    per_prompt_stat_tracking: StatTrackingSchema = field(default_factory=StatTrackingSchema)
+    sample: SampleSchema
+    train: TrainSchema
+    per_prompt_stat_tracking: StatTrackingSchema
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -116,22 +115,13 @@ def init_state(ctx) -> dict:
     return {"tracker": PromptStatTracker(int(st.buffer_size), int(st.min_count)) if st.enabled else None}
 
 
-def sample_pairs(ctx, batch_size: int) -> tuple[Trajectory, torch.Tensor]:
-    """`batch_size` prompts, each sampled twice with independent x_T, in one batched call. Returns (trajectory of
-    2B samples: y of prompt p at p, y′ at B + p; rewards (2B,))."""
-    prompts = ctx.prompt_sampler.sample(batch_size)
-    return ctx.sample(prompts + prompts)  # no initial_noise: 2B independent x_T from ctx.generator
-
-
 def _trajectory_log_probs(ctx, mb: Trajectory, guidance: float) -> torch.Tensor:
     """Σ_k log π_θ(x_{k+1} | x_k) under the current weights, no grad. (B,)."""
     eta = float(ctx.cfg.algo.sample.eta)
     total = torch.zeros(len(mb), device=mb.log_probs.device)
     with torch.no_grad():
         for k in range(mb.num_steps):
-            total += step_log_prob(ctx.model, mb.latents[:, k], mb.next_latents[:, k], mb.timesteps[:, k],
-                                   mb.prev_timesteps[:, k], mb.prompt_embeds, eta=eta, guidance_scale=guidance,
-                                   unet=ctx.unet).log_prob
+            total += step_log_prob(ctx.model, mb, k, eta=eta, guidance_scale=guidance, unet=ctx.unet).log_prob
     return total
 
 
@@ -142,40 +132,40 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
         group["lr"] = float(cfg.train.learning_rate) * factor
 
     # ---- sample pairs with independent x_T
-    y, y2, rewards, rewards_2 = collect_pairs(ctx, sample_pairs, int(cfg.sample.batch_size),
-                                              int(cfg.sample.num_batches_per_epoch))
+    pairs, rewards = collect_groups(ctx, int(cfg.sample.num_batches_per_epoch), int(cfg.sample.batch_size), 2,
+                                    shared_x_T=False)
+    P = pairs.num_groups
 
     # ---- advantages over all processes' pairs; each process keeps its own slice
-    all_prompts, all_r = ctx.gather(y.prompts, rewards)
-    _, all_r2 = ctx.gather(y2.prompts, rewards_2)
+    all_prompts, all_r = ctx.gather(pairs.prompts, rewards[:, 0].contiguous())
+    _, all_r2 = ctx.gather(pairs.prompts, rewards[:, 1].contiguous())
     adv, adv_2 = pair_advantages(all_prompts, all_r.cpu().numpy(), all_r2.cpu().numpy(), state["tracker"])
-    mine = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(acc.num_processes, -1)[acc.process_index]  # noqa: E731
-    adv, adv_2 = mine(adv).to(y.latents.device), mine(adv_2).to(y.latents.device)
-    old, old_2 = y.log_probs.sum(1), y2.log_probs.sum(1)  # trajectory log-probs under the sampling policy
+    adv, adv_2 = process_slice(acc, adv), process_slice(acc, adv_2)
+    # trajectory log-probs under the sampling policy, (P,) per member
+    old, old_2 = pairs.member(0).log_probs.sum(1), pairs.member(1).log_probs.sum(1)
 
     # ---- regression updates
-    guidance = ctx.guidance_scale if cfg.train.cfg else 1.0
-    eta, c, bs, N = float(cfg.sample.eta), float(cfg.train.rebel_lr), int(cfg.train.batch_size), y.num_steps
+    guidance = training_guidance(ctx)
+    eta, c, bs, N = float(cfg.sample.eta), float(cfg.train.rebel_lr), int(cfg.train.batch_size), pairs.traj.num_steps
     ctx.unet.train()
     logs: dict[str, list[float]] = {"loss": [], "delta_logratio_abs": [], "delta_adv_abs": [], "grad_norm": []}
     for _ in range(int(cfg.train.num_inner_epochs)):
-        perm = torch.randperm(len(y), generator=ctx.generator)  # the same permutation for both members
-        bar = tqdm(total=len(y) // bs, desc="training", leave=False, disable=not ctx.progress)
-        for start in range(0, len(y), bs):
+        perm = torch.randperm(P, generator=ctx.generator)  # the same permutation for both members
+        bar = tqdm(total=P // bs, desc="training", leave=False, disable=not ctx.progress)
+        for start in range(0, P, bs):
             idx = perm[start:start + bs]
-            mb, mb2 = y.select(idx), y2.select(idx)
+            mb = pairs.select(idx)
             dev = idx.to(adv.device)
-            # residual with the current weights (no grad), then one backward per step
-            lp, lp2 = _trajectory_log_probs(ctx, mb, guidance), _trajectory_log_probs(ctx, mb2, guidance)
+            # residual with the current weights (no grad), then one backward per step through both members at once
+            lp = _trajectory_log_probs(ctx, mb.member(0), guidance)
+            lp2 = _trajectory_log_probs(ctx, mb.member(1), guidance)
             residual = rebel_residual(lp, old[dev], lp2, old_2[dev], adv[dev], adv_2[dev], c)
             grad_norm = None
-            both = Trajectory.cat([mb, mb2])
             for k in range(N):
                 with acc.accumulate(ctx.unet):
-                    out = step_log_prob(ctx.model, both.latents[:, k], both.next_latents[:, k], both.timesteps[:, k],
-                                        both.prev_timesteps[:, k], both.prompt_embeds, eta=eta,
-                                        guidance_scale=guidance, unet=ctx.unet)
-                    surrogate = rebel_step_surrogate(out.log_prob[:len(idx)], out.log_prob[len(idx):], residual, c, N)
+                    out = step_log_prob(ctx.model, mb.traj, k, eta=eta, guidance_scale=guidance, unet=ctx.unet)
+                    lp_k, lp2_k = mb.by_group(out.log_prob).unbind(1)
+                    surrogate = rebel_step_surrogate(lp_k, lp2_k, residual, c, N)
                     grad_norm = ctx.backward(surrogate)
             logs["loss"].append(float(residual.pow(2).mean()))
             logs["delta_logratio_abs"].append(float(((lp - old[dev]) - (lp2 - old_2[dev])).abs().mean()))

@@ -56,7 +56,7 @@ def evaluate(
                            generator=eval_generator(seeds[0] * 7919 + n), initial_noise=initial_noise_for(model, seeds),
                            unet=unet)
             for name, fn in rewards.items():
-                r, _ = fn(traj.images, batch_prompts)
+                r = fn(traj.images, batch_prompts)
                 scores[name][n].append(r.float().cpu())
             if sum(x.shape[0] for x in imgs_n) < keep_images:
                 imgs_n.append(traj.images.cpu())

@@ -1,4 +1,8 @@
-"""Pure scheduler-step kernels with log-probabilities, and timestep grids (algorithms.md §1.1–§1.3).
+"""Pure scheduler-step kernels with log-probabilities, and timestep grids.
+
+The DDIM step is eq. 12/16 of Song et al., "Denoising Diffusion Implicit Models" (ICLR 2021) with the log-prob
+convention of DDPO (Black et al., ICLR 2024); the LCM step is RLCM's (Oertell et al., RLC 2024) stochastic
+multistep consistency sampler. docs/architecture.md ("Step kernels") lists where they differ from diffusers.
 
 Every function takes the schedule explicitly: no `set_timesteps` global state is read anywhere. Timesteps may be
 per sample (shape (B,)), so minibatches that mix steps of different trajectories work.
@@ -22,8 +26,8 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 @dataclass
 class StepOutput:
-    prev_sample: torch.Tensor  # (B,C,h,w) x_{t'} in the sample's dtype
-    log_prob: torch.Tensor  # (B,) float32, log π(prev_sample | sample), per-element mean
+    prev_sample: torch.Tensor | None  # (B,C,h,w) x_{t'} in the sample's dtype (None: asked with draw=False)
+    log_prob: torch.Tensor | None  # (B,) float32, log π(prev_sample | sample), per-element mean
     x0_pred: torch.Tensor  # (B,C,h,w) float32, the model's clean-latent prediction (LCM: the denoised d)
     mean: torch.Tensor  # (B,C,h,w) float32, mean of the transition Gaussian
     std: torch.Tensor  # (B,1,1,1) float32, its standard deviation
@@ -53,7 +57,8 @@ def timestep_grid(
     return ts.long()
 
 
-def lcm_timestep_grid(num_steps: int, original_inference_steps: int = 50, num_train_timesteps: int = 1000) -> torch.Tensor:
+def lcm_timestep_grid(num_steps: int, original_inference_steps: int = 50,
+                      num_train_timesteps: int = 1000) -> torch.Tensor:
     """LCM multistep grid (RLCM / diffusers ≤0.23): origin steps c·i−1 (c = T // original), reversed, stride
     ⌊original/N⌋, first N. N=4 → [999, 759, 519, 279]. (N,) long."""
     if not 1 <= num_steps <= original_inference_steps:
@@ -67,7 +72,7 @@ def lcm_timestep_grid(num_steps: int, original_inference_steps: int = 50, num_tr
 def previous_timesteps(timesteps: torch.Tensor, last: int = -1) -> torch.Tensor:
     """t' for each step of a descending grid: τ_{k+1}, and `last` for the final step (−1 = 'the final ᾱ'). (N,) long.
 
-    The references compute t' = t − T/N, which equals this only on uniform grids (algorithms.md §9.2)."""
+    The references compute t' = t − T/N, which equals this only on uniformly spaced grids."""
     return torch.cat([timesteps[1:], timesteps.new_tensor([last])])
 
 
@@ -111,6 +116,7 @@ def _x0_and_eps(model_output, sample, alpha, prediction_type: str):
 
 
 def _draw(mean, std, out_dtype, prev_sample, noise, generator):
+    """(prev_sample, its log-prob): the given prev_sample, or mean + std·noise (noise drawn if None)."""
     if prev_sample is None:
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
@@ -132,12 +138,14 @@ def ddim_step(
     prev_sample: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    draw: bool = True,
 ) -> StepOutput:
     """One stochastic DDIM step x_t → x_{t'} (DDIM eq. 12/16), with the log-prob of `prev_sample` (drawn if None).
 
     σ = η·√((1−ᾱ')/(1−ᾱ)·(1−ᾱ/ᾱ')), μ = √ᾱ'·x̂0 + √(1−ᾱ'−σ²)·ε̃. A prev_timestep < 0 means the final step, whose ᾱ'
     is `final_alpha_cumprod` (ᾱ_0 in every reference: they clamp t' to 0; 1.0 would make σ = 0 there).
     With η = 0 the step is deterministic and the log-prob is −inf/NaN: log-prob algorithms must use η > 0.
+    `draw=False` returns the transition only (x̂0, mean, std; prev_sample and log_prob None).
     """
     B = sample.shape[0]
     alpha = _per_sample(alphas_cumprod, timestep, B, sample.device)
@@ -151,8 +159,10 @@ def ddim_step(
     variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
     std = eta * variance.clamp(min=0).sqrt()
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
-    if eta == 0 and prev_sample is None:
+    if eta == 0 and prev_sample is None and draw:
         return StepOutput(mean.to(sample.dtype), torch.full((B,), float("nan"), device=sample.device), x0, mean, std)
+    if not draw:
+        return StepOutput(None, None, x0, mean, std)
     prev_sample, log_prob = _draw(mean, std, sample.dtype, prev_sample, noise, generator)
     return StepOutput(prev_sample, log_prob, x0, mean, std)
 
@@ -178,8 +188,9 @@ def lcm_step(
     prev_sample: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    draw: bool = True,
 ) -> StepOutput:
-    """One stochastic LCM step (algorithms.md §1.2): d = c_out·x̂0 + c_skip·x_t, x' ~ N(√ᾱ'·d, (1−ᾱ')·I).
+    """One stochastic LCM step: d = c_out·x̂0 + c_skip·x_t, x' ~ N(√ᾱ'·d, (1−ᾱ')·I).
 
     RLCM passes prev_timestep = timestep at the last step (re-noising to the last level; the image is decoded from
     d, so that sample is never seen by the reward). `deterministic` returns x' = d with no noise (RLCM's 1-step
@@ -193,8 +204,24 @@ def lcm_step(
     denoised = c_out * x0 + c_skip * sample.float()
     mean = alpha_prev.sqrt() * denoised
     std = (1 - alpha_prev).sqrt()
-    if deterministic and prev_sample is None:
+    if deterministic and prev_sample is None and draw:
         return StepOutput(denoised.to(sample.dtype), torch.full((B,), float("nan"), device=sample.device),
                           denoised, mean, std)
+    if not draw:
+        return StepOutput(None, None, denoised, mean, std)
     prev_sample, log_prob = _draw(mean, std, sample.dtype, prev_sample, noise, generator)
     return StepOutput(prev_sample, log_prob, denoised, mean, std)
+
+
+def draw_children(step: StepOutput, noise: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """k samples of one transition (SPO's branching): every child shares the step's mean and std.
+
+    noise (k, B, C, h, w) float32 → children (k, B, C, h, w) in `dtype`, log-probs (k, B) float32 (each child's
+    per-element-mean log density, taken of the cast child as `_draw` does, so recomputing it reproduces it)."""
+    if noise.ndim != step.mean.ndim + 1 or noise.shape[1:] != step.mean.shape:
+        raise ValueError(f"noise must be (k, *mean.shape) = (k, {tuple(step.mean.shape)}), got {tuple(noise.shape)}")
+    if not bool((step.std > 0).all()):
+        raise ValueError("draw_children needs a stochastic step (std > 0): DDIM with eta = 0 has one child")
+    children = (step.mean.unsqueeze(0) + step.std.unsqueeze(0) * noise.float()).to(dtype)
+    log_probs = torch.stack([gaussian_log_prob(c.detach(), step.mean, step.std) for c in children])
+    return children, log_probs

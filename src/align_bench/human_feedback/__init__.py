@@ -1,4 +1,5 @@
-"""D3PO's human-feedback mode (algorithms.md §3.8): sample groups of images that share prompt and x_T, save them
+"""D3PO's human-feedback mode (Yang et al., CVPR 2024; docs/algos/d3po.md): sample groups of images that share
+prompt and x_T, save them
 with their trajectories, let a person label them, then train D3PO on the labelled pairs.
 
     # 1. sample: 8 prompts × 4 images each (every image of a group shares the prompt and x_T)
@@ -22,16 +23,14 @@ config whose model, step count, η or guidance differ (the stored transitions wo
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from .core.rollout import Trajectory
+from ..core.rollout import Trajectory, rollout
 
 TRAJECTORY_FILE = "trajectories.pt"
 TEMPLATE_FILE = "labels.csv"
@@ -76,15 +75,16 @@ def preference_pairs(groups: list[list[str]], scores: dict[str, float],
         for a, b in itertools.combinations([n for n in g if n in scores], 2):
             if scores[a] != scores[b]:
                 pairs.append((index[a], index[b]) if scores[a] > scores[b] else (index[b], index[a]))
-    for w, l in choices:
-        if group_of[w] != group_of[l]:
-            raise ValueError(f"pairwise label {w} > {l}: the images must come from the same group (same x_T)")
-        pairs.append((index[w], index[l]))
+    for winner, loser in choices:
+        if group_of[winner] != group_of[loser]:
+            raise ValueError(f"pairwise label {winner} > {loser}: the images must come from the same group "
+                             f"(same x_T)")
+        pairs.append((index[winner], index[loser]))
     return pairs
 
 
 # ------------------------------------------------------------------------------------------------ sample
-def _settings(cfg) -> dict:
+def sampling_settings(cfg) -> dict:
     return {"model": str(cfg.model.name), "steps": int(cfg.steps.train), "eta": float(cfg.algo.sample.eta),
             "guidance_scale": float(cfg.model.guidance_scale if cfg.algo.sample.get("guidance_scale") is None
                                     else cfg.algo.sample.guidance_scale)}
@@ -94,8 +94,6 @@ def sample_groups(model, prompts: list[str], per_prompt: int, settings: dict, ou
                   generator: torch.Generator) -> Path:
     """Roll out `per_prompt` trajectories per prompt from one shared x_T; save images, trajectories and a label
     template to `out_dir`. Returns out_dir."""
-    from .core.rollout import rollout
-
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     trajs, groups = [], []
@@ -111,8 +109,7 @@ def sample_groups(model, prompts: list[str], per_prompt: int, settings: dict, ou
         trajs.append(traj)
         groups.append(names)
     traj = Trajectory.cat(trajs)
-    payload = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(traj).items()}
-    torch.save({"trajectory": payload, "groups": groups, "settings": settings}, out / TRAJECTORY_FILE)
+    torch.save({"trajectory": traj.state(), "groups": groups, "settings": settings}, out / TRAJECTORY_FILE)
     with (out / TEMPLATE_FILE).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "prompt", "score"])
@@ -145,10 +142,10 @@ def _write_html(out: Path, prompts: list[str], groups: list[list[str]]) -> None:
 def load_pairs(data_dir: str | Path, label_files: list[str], model, cfg) -> tuple[Trajectory, torch.Tensor]:
     """Labelled pairs for D3PO: (trajectory of 2P samples — winner of pair p at p, loser at P + p —, signs (P, 2)
     all (+1, −1)). Checks that `cfg` would reproduce the stored transitions."""
-    from . import resolve_path
+    from .. import resolve_path
 
-    data = torch.load(resolve_path(data_dir) / TRAJECTORY_FILE, map_location="cpu", weights_only=False)
-    saved, now = data["settings"], _settings(cfg)
+    data = torch.load(resolve_path(data_dir) / TRAJECTORY_FILE, map_location="cpu", weights_only=True)
+    saved, now = data["settings"], sampling_settings(cfg)
     diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
     if diff:
         raise ValueError(f"human-feedback data {data_dir} was sampled with other settings (saved, now): {diff}")
@@ -156,71 +153,8 @@ def load_pairs(data_dir: str | Path, label_files: list[str], model, cfg) -> tupl
     pairs = preference_pairs(data["groups"], scores, choices)
     if not pairs:
         raise ValueError(f"no preference pairs in {label_files}: fill in scores that differ within a group")
-    traj = Trajectory(**{k: (v.to(model.device) if torch.is_tensor(v) else v) for k, v in data["trajectory"].items()})
+    traj = Trajectory.from_state(data["trajectory"], model.device)
     winners, losers = zip(*pairs)
     both = traj.select(list(winners) + list(losers))
     signs = torch.tensor([[1.0, -1.0]], device=model.device).expand(len(pairs), 2).clone()
     return both, signs
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .main import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=["algo=d3po", *overrides])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m align_bench.human_feedback", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample", help="sample groups sharing x_T and write images + a label template")
-    s.add_argument("--out", required=True)
-    s.add_argument("--prompts", type=int, default=8, help="number of prompts drawn from prompts.train")
-    s.add_argument("--prompt", action="append", default=[], help="explicit prompt (repeatable; overrides --prompts)")
-    s.add_argument("--per-prompt", type=int, default=4, help="images per prompt (all share x_T); reference: 7")
-    s.add_argument("--lora", default=None, help="sample from a trained LoRA directory (next labelling round)")
-    s.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", help="train D3PO on labelled pairs (a Hydra run with algo.human.*)")
-    t.add_argument("--data", required=True)
-    t.add_argument("--labels", action="append", required=True, help="label file (repeatable: annotators averaged)")
-    t.add_argument("--run-dir", default=None)
-    for p in (s, t):
-        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny steps.train=8")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "sample":
-        from .models.diffusion import DiffusionModel, ModelSpec
-        from .prompts import PromptSampler, load_prompts
-
-        cfg = _compose(args.overrides)
-        spec = ModelSpec(**{k: cfg.model[k] for k in ("name", "path", "family", "timestep_spacing", "steps_offset",
-                                                      "resolution", "dtype", "download_hint")})
-        device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-        model = DiffusionModel.from_pretrained(spec, device=device)
-        if args.lora:
-            model.add_lora(int(cfg.model.lora.rank), float(cfg.model.lora.alpha))
-            model.load_lora(args.lora)
-        prompts = args.prompt or PromptSampler(load_prompts(cfg.prompts.train), args.seed).sample(args.prompts)
-        out = sample_groups(model, prompts, args.per_prompt, _settings(cfg), args.out,
-                            torch.Generator().manual_seed(args.seed))
-        print(f"wrote {len(prompts) * args.per_prompt} images to {out}/images (view {out}/index.html); "
-              f"fill the score column of {out / TEMPLATE_FILE}, then run:\n  python -m align_bench.human_feedback "
-              f"train --data {out} --labels {out / TEMPLATE_FILE} {' '.join(args.overrides)}")
-    else:
-        from .runner import run
-
-        labels = "[" + ",".join(f"'{Path(p).resolve()}'" for p in args.labels) + "]"
-        cfg = _compose([*args.overrides, f"algo.human.data_dir='{Path(args.data).resolve()}'",
-                        f"algo.human.labels={labels}"])
-        run_dir = args.run_dir or str(Path(args.data) / "run")
-        run(cfg, run_dir)
-        print(f"LoRA and metrics in {run_dir}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

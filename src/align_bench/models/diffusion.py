@@ -1,44 +1,56 @@
 """Model adapter over diffusers components: the only place that knows how a model family is called.
 
-It owns prompt encoding (incl. CFG's empty-prompt embedding), the UNet call (CFG by batch concatenation
-[uncond; cond], or LCM's guidance embedding), latent decoding, the training noise schedule, the timestep grid
-for N sampling steps, the scheduler step, and LoRA (peft). Device and dtype are handled here and nowhere else.
+It owns prompt encoding into a `Conditioning` (incl. CFG's empty-prompt one), the UNet call (CFG by batch
+concatenation [uncond; cond], or LCM's guidance embedding), latent decoding, the training noise schedule, the
+timestep grid for N sampling steps, the scheduler step, and LoRA (peft). Device and dtype are handled here and
+nowhere else. `spec.family` (from `model.family` in conf/model/*.yaml) is the one switch between families; a
+checkpoint whose UNet contradicts it is refused at load.
 
-Shapes: latents (B, C, h, w); prompt_embeds (B, L, D); images (B, 3, H, W) float in [0, 1].
+Shapes: latents (B, C, h, w); Conditioning.prompt_embeds (B, L, D); images (B, 3, H, W) float in [0, 1].
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from .. import resolve_path
 from ..core import scheduling
+from .conditioning import Conditioning
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# sd: SD 1.x/2.x, SD-Turbo, the tiny world (CFG by batch concatenation, DDIM step)
+# lcm: latent consistency models (guidance embedding, LCM step)
+# sdxl: two text encoders, pooled embeddings and time ids (lands with the real-models work)
+FAMILIES = ("sd", "lcm", "sdxl")
 
 
 class MissingCheckpointError(FileNotFoundError):
     """A real model's weights are not on disk: the message names what to download and where to put it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
-    """What the adapter needs to know about a family (filled from conf/model/*.yaml)."""
+    """What the adapter needs to know about a model; built from `cfg.model` by `from_config` (the YAML holds the
+    values, this class only names them)."""
 
-    name: str = "tiny"
-    path: str = "assets/tiny-world/tiny"  # diffusers pipeline directory (or hub id when a hub is reachable)
-    family: str = "sd"  # sd (SD 1.x/2.x, SD-Turbo, tiny) | lcm (embedded guidance) | sdxl
-    timestep_spacing: str = "trailing"
-    steps_offset: int = 0
-    resolution: int | None = None  # None: the UNet's sample_size × VAE factor
-    dtype: str = "fp32"  # frozen weights' dtype; LoRA parameters are always fp32
-    download_hint: str = ""  # printed when `path` is missing
-    extra: dict = field(default_factory=dict)
+    name: str
+    path: str  # diffusers pipeline directory (or hub id when a hub is reachable)
+    family: str  # one of FAMILIES
+    timestep_spacing: str
+    steps_offset: int
+    resolution: int | None  # None: the UNet's sample_size × VAE factor
+    dtype: str  # frozen weights' dtype; LoRA parameters are always fp32
+    download_hint: str  # printed when `path` is missing
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ModelSpec":
+        """The spec from a `model` config node (conf/model/*.yaml) or any mapping with the same keys."""
+        return cls(**{f.name: model_cfg[f.name] for f in fields(cls)})
 
 
 def _check_path(spec: ModelSpec) -> Path:
@@ -62,6 +74,15 @@ def _check_path(spec: ModelSpec) -> Path:
     raise MissingCheckpointError(f"model {spec.name!r}: no checkpoint at {path} — {hint}")
 
 
+def unet_family(unet_config) -> str:
+    """The family a UNet's own config says it belongs to (to check `model.family` against the checkpoint)."""
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if getattr(unet_config, "time_cond_proj_dim", None) is not None:
+        return "lcm"
+    return "sd"
+
+
 class DiffusionModel:
     """A text-to-image latent diffusion model behind one interface for every family."""
 
@@ -82,7 +103,13 @@ class DiffusionModel:
         ).to(self.device)
         self.num_train_timesteps = T
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        self.is_lcm = getattr(unet.config, "time_cond_proj_dim", None) is not None
+        self.family = spec.family
+        self.is_lcm = spec.family == "lcm"
+        found = unet_family(unet.config)
+        if found != spec.family:
+            raise ValueError(f"model {spec.name!r}: model.family={spec.family} but the UNet at {spec.path} is a "
+                             f"{found!r} UNet ({_FAMILY_EVIDENCE[found]}); set model.family={found} or point "
+                             f"model.path at a {spec.family} checkpoint")
         self.vae_scale = float(vae.config.scaling_factor)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._uncond: torch.Tensor | None = None
@@ -94,8 +121,11 @@ class DiffusionModel:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
+        if spec.family not in FAMILIES:
+            raise ValueError(f"unknown model.family {spec.family!r}; expected one of {list(FAMILIES)}")
         if spec.family == "sdxl":
-            raise NotImplementedError("SDXL support lands with the real-models issue (two text encoders)")
+            raise NotImplementedError("model.family=sdxl is not supported yet (two text encoders, pooled embeddings "
+                                      "and time ids)")
         path = _check_path(spec)
         dtype = DTYPES[spec.dtype]
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
@@ -125,7 +155,7 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------------------------------------ schedule
     def timesteps(self, num_steps: int) -> torch.Tensor:
-        """(N,) long timestep grid for N sampling steps on this model's spacing (algorithms.md §1.3)."""
+        """(N,) long timestep grid for N sampling steps on this model's spacing (core/scheduling.py's grids)."""
         if self.is_lcm:
             grid = scheduling.lcm_timestep_grid(
                 num_steps, int(self.scheduler_config.get("original_inference_steps", 50)), self.num_train_timesteps
@@ -146,36 +176,38 @@ class DiffusionModel:
         return float(self.alphas_cumprod[0])
 
     def step(self, model_output, timestep, prev_timestep, sample, *, eta: float, prev_sample=None, noise=None,
-             generator=None, deterministic_last: bool = False) -> scheduling.StepOutput:
-        """Dispatch to the family's pure step kernel (DDIM with η, or LCM)."""
+             generator=None, deterministic: bool = False, draw: bool = True) -> scheduling.StepOutput:
+        """Dispatch to the family's pure step kernel (DDIM with η, or LCM). `deterministic`: LCM's noise-free
+        1-step output; `draw=False`: the transition's distribution only (prev_sample and log_prob None)."""
         if self.is_lcm:
             return scheduling.lcm_step(
                 model_output, timestep, prev_timestep, sample, self.alphas_cumprod,
                 prediction_type=self.prediction_type,
                 timestep_scaling=float(self.scheduler_config.get("timestep_scaling", 10.0)),
-                deterministic=deterministic_last, prev_sample=prev_sample, noise=noise, generator=generator,
+                deterministic=deterministic, prev_sample=prev_sample, noise=noise, generator=generator, draw=draw,
             )
         return scheduling.ddim_step(
             model_output, timestep, prev_timestep, sample, self.alphas_cumprod, eta=eta,
             final_alpha_cumprod=self.final_alpha_cumprod, prediction_type=self.prediction_type,
-            prev_sample=prev_sample, noise=noise, generator=generator,
+            prev_sample=prev_sample, noise=noise, generator=generator, draw=draw,
         )
 
     # ----------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder last hidden state, padded to the tokenizer's max length. (B, L, D)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The UNet's conditioning for B prompts: the text encoder's last hidden state, padded to the tokenizer's
+        max length, prompt_embeds (B, L, D)."""
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return Conditioning(prompt_embeds=self.text_encoder(ids)[0].to(self.dtype))
 
-    def uncond_embeds(self, batch: int) -> torch.Tensor:
-        """Embedding of the empty prompt "" (CFG's unconditional branch), cached. (B, L, D)."""
+    def uncond(self, batch: int) -> Conditioning:
+        """Conditioning of the empty prompt "" (CFG's unconditional branch), encoded once, broadcast to `batch`."""
         if self._uncond is None:
             self._uncond = self.encode_prompts([""])
-        return self._uncond.expand(batch, -1, -1)
+        return self._uncond.expand(batch)
 
     def guidance_embedding(self, guidance_scale: float, batch: int) -> torch.Tensor:
         """LCM's w-embedding: sinusoidal embedding of 1000·(guidance_scale − 1). (B, time_cond_proj_dim)."""
@@ -190,23 +222,27 @@ class DiffusionModel:
         return emb.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------------------------------------ UNet call
-    def predict(self, latents, timesteps, prompt_embeds, guidance_scale: float, unet=None) -> torch.Tensor:
-        """Guided model output for x_t. latents (B,C,h,w), timesteps (B,) or scalar, prompt_embeds (B,L,D).
+    def _unet_kwargs(self, cond: Conditioning) -> dict:
+        return {"encoder_hidden_states": cond.prompt_embeds}
+
+    def predict(self, latents, timesteps, cond: Conditioning, guidance_scale: float, unet=None) -> torch.Tensor:
+        """Guided model output for x_t. latents (B,C,h,w), timesteps (B,) or scalar, cond of B samples.
 
         `unet` is the module to forward through: pass the accelerate-prepared one in every differentiable
-        forward so that DDP arms its gradient reducer (algorithms.md §1.6 pitfall)."""
+        forward so that DDP arms its gradient reducer (a forward through the bare module leaves DDP's gradients
+        un-synchronised; docs/architecture.md)."""
         unet = unet if unet is not None else self.unet
         B = latents.shape[0]
         t = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(B)
         if self.is_lcm:
-            cond = self.guidance_embedding(guidance_scale, B)
-            return unet(latents, t, encoder_hidden_states=prompt_embeds, timestep_cond=cond).sample
+            w_embedding = self.guidance_embedding(guidance_scale, B)
+            return unet(latents, t, timestep_cond=w_embedding, **self._unet_kwargs(cond)).sample
         if guidance_scale <= 1.0:
-            return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
-        embeds = torch.cat([self.uncond_embeds(B).to(prompt_embeds.dtype), prompt_embeds])
-        out = unet(torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=embeds).sample
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            return unet(latents, t, **self._unet_kwargs(cond)).sample
+        both = Conditioning.cat([self.uncond(B).to(dtype=cond.prompt_embeds.dtype), cond])
+        out = unet(torch.cat([latents, latents]), torch.cat([t, t]), **self._unet_kwargs(both)).sample
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
 
     # -------------------------------------------------------------------------------------------------- decode
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -217,7 +253,7 @@ class DiffusionModel:
     # ---------------------------------------------------------------------------------------------------- LoRA
     def add_lora(self, rank: int, alpha: float | None = None, targets=LORA_TARGETS, init: str = "gaussian") -> None:
         """Attach a peft LoRA adapter to the UNet (up-projection zero ⇒ the adapted UNet equals the base at init).
-        Trainable parameters are fp32 whatever the frozen weights' dtype (algorithms.md §1.6)."""
+        Trainable parameters are fp32 whatever the frozen weights' dtype (the references' convention)."""
         from peft import LoraConfig
 
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init,
@@ -269,6 +305,11 @@ class DiffusionModel:
             raise RuntimeError(f"LoRA checkpoint {directory} has unexpected keys: {result.unexpected_keys[:5]}")
 
 
+_FAMILY_EVIDENCE = {"sd": "no guidance embedding, no added text-time conditioning",
+                    "lcm": "its config has time_cond_proj_dim: a guidance embedding",
+                    "sdxl": "its config has addition_embed_type=text_time"}
+
+
 def _to(module, device, dtype):
     """Move to device; cast only when needed (diffusers warns on redundant dtype casts)."""
     if next(module.parameters()).dtype != dtype:
@@ -279,5 +320,5 @@ def _to(module, device, dtype):
 def _unwrap(module):
     """The module inside DDP / accelerate / torch.compile wrappers."""
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+        module = getattr(module, "module", None) or module._orig_mod
     return module

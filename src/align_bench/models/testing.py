@@ -26,8 +26,14 @@ def build_random_pipeline(directory: str | Path, *, lcm: bool = False, seed: int
     """Save a randomly initialised SD-style pipeline (LCM-style when `lcm`) to `directory`; returns it.
 
     UNet latents 4×latent_size², VAE factor 2, text width `cross_attention_dim`, 16-token prompts."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

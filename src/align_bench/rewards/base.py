@@ -1,17 +1,18 @@
 """Reward registry: name → scorer. Tensor-in API shared by every algorithm.
 
-A reward is a callable ``reward(images, prompts) -> (rewards, info)``:
-  images:  (B, 3, H, W) float in [0, 1] (decoded, post-processed samples)
-  prompts: list of B strings
-  rewards: (B,) float32 tensor on the images' device
-  info:    dict of extra per-batch metadata (may be empty)
+A reward is a module ``reward(images, prompts, timesteps=None) -> rewards``:
+  images:    (B, 3, H, W) float in [0, 1] (decoded, post-processed samples)
+  prompts:   list of B strings
+  timesteps: (B,) long noise level each image was predicted at, or None for final samples. Only a step-aware
+             scorer (``step_aware = True``: SPO's preference model) reads it; every other reward ignores it.
+  rewards:   (B,) float32 tensor on the images' device
 
 ``differentiable`` says whether gradients flow from rewards to images (AlignProp needs it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -32,40 +33,36 @@ def register_reward(name: str):
 
 
 class Reward(torch.nn.Module):
-    """Base class. Subclasses implement ``score(images, prompts) -> (B,)``."""
+    """Base class. Subclasses implement ``score(images, prompts) -> (B,)`` (step-aware ones
+    ``score(images, prompts, timesteps)``)."""
 
     name: str = "?"
     differentiable: bool = False
-    needs_prompt: bool = False
+    step_aware: bool = False
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def forward(self, images: torch.Tensor, prompts: list[str],
+                timesteps: torch.Tensor | None = None) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: expected images (B,3,H,W), got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
-        if self.differentiable and torch.is_grad_enabled():
-            rewards = self.score(images, prompts)
-        else:
-            with torch.no_grad():
-                rewards = self.score(images, prompts)
-        return rewards.float(), {}
+        args = (images, prompts, timesteps) if self.step_aware else (images, prompts)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            rewards = self.score(*args)
+        return rewards.float()
 
 
 def reward_info(name: str) -> type:
     """The registered class for ``name``, or a one-line error listing what exists."""
-    from . import _import_all  # noqa: F401  (fills the registry)
-
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; registered rewards: {sorted(REWARDS)}")
     return REWARDS[name]
 
 
 def differentiable_rewards() -> list[str]:
-    from . import _import_all  # noqa: F401
-
     return sorted(n for n, c in REWARDS.items() if c.differentiable)
 
 

@@ -1,4 +1,4 @@
-"""JPEG (in)compressibility, DDPO's rewards (algorithms.md §1.5): size in kB of the JPEG (quality 95)."""
+"""JPEG (in)compressibility, DDPO's rewards (Black et al., ICLR 2024): size in kB of the JPEG (quality 95)."""
 
 from __future__ import annotations
 
@@ -22,25 +22,28 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-@register_reward("jpeg_compressibility")
-class JpegCompressibility(Reward):
-    """−(JPEG size in kB): higher is more compressible."""
+class _JpegSize(Reward):
+    """sign × (JPEG size in kB)."""
+
+    sign = 1.0
 
     def __init__(self, quality: int = 95):
         super().__init__()
         self.quality = quality
 
     def score(self, images, prompts):
-        return -jpeg_size_kb(images, self.quality)
+        return self.sign * jpeg_size_kb(images, self.quality)
+
+
+@register_reward("jpeg_compressibility")
+class JpegCompressibility(_JpegSize):
+    """−(JPEG size in kB): higher is more compressible."""
+
+    sign = -1.0
 
 
 @register_reward("jpeg_incompressibility")
-class JpegIncompressibility(Reward):
+class JpegIncompressibility(_JpegSize):
     """JPEG size in kB: higher is less compressible."""
 
-    def __init__(self, quality: int = 95):
-        super().__init__()
-        self.quality = quality
-
-    def score(self, images, prompts):
-        return jpeg_size_kb(images, self.quality)
+    sign = 1.0

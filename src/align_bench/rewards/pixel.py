@@ -11,7 +11,6 @@ class Brightness(Reward):
     """Mean pixel value of the image in [0, 1] (B,) — differentiable, prompt-free, trivially hackable."""
 
     differentiable = True
-    needs_prompt = False
 
     def score(self, images, prompts):
         return images.float().mean(dim=(1, 2, 3))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..tiny import scenes
+from ..tiny.models import AestheticHead, image_features, load_clip, text_features, tokenize
 from .base import Reward, register_reward
 
 CLIP_DIR = "assets/tiny-world/clip"
@@ -34,23 +36,16 @@ class _TinyClipReward(Reward):
 
     def __init__(self, clip_dir: str = CLIP_DIR):
         super().__init__()
-        from ..tiny.models import load_clip
-
         self.clip, self.tokenizer = load_clip(clip_dir)
         self.clip.requires_grad_(False)
         self.image_size = self.clip.config.vision_config.image_size
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) in [0,1] → (B, D) projected image embedding."""
-        from ..tiny.train import image_features
-
         return image_features(self.clip, _to_clip_size(images.float(), self.image_size))
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """B prompts → (B, D) projected text embedding."""
-        from ..tiny.models import tokenize
-        from ..tiny.train import text_features
-
         return text_features(self.clip, tokenize(self.tokenizer, prompts, self.clip.logit_scale.device))
 
 
@@ -59,12 +54,9 @@ class TinyAesthetic(_TinyClipReward):
     """Learned aesthetic score (≈0–10) of the tiny world; prompt-free, differentiable, hackable."""
 
     differentiable = True
-    needs_prompt = False
 
     def __init__(self, clip_dir: str = CLIP_DIR, head_dir: str = AESTHETIC_DIR):
         super().__init__(clip_dir)
-        from ..tiny.models import AestheticHead
-
         self.head = AestheticHead.load(head_dir).requires_grad_(False)
 
     def score(self, images, prompts):
@@ -76,7 +68,6 @@ class TinyPickScore(_TinyClipReward):
     """logit_scale · cos(image, prompt) with the tiny CLIP; differentiable."""
 
     differentiable = True
-    needs_prompt = True
 
     def score(self, images, prompts):
         img = F.normalize(self.image_embeds(images), dim=-1)
@@ -89,12 +80,9 @@ class TinyColourAccuracy(Reward):
     """Oracle: 1.0 when the pixels' shape colour and background colour both match the prompt (else 0.0)."""
 
     differentiable = False
-    needs_prompt = True
 
     def score(self, images, prompts):
-        from ..tiny.scenes import colour_correct
-
-        return colour_correct(images.detach(), prompts)
+        return scenes.colour_correct(images.detach(), prompts)
 
 
 @register_reward("tiny_shape_accuracy")
@@ -102,20 +90,17 @@ class TinyShapeAccuracy(_TinyClipReward):
     """tiny-CLIP zero-shot shape check: argmax over the prompt's caption with each shape substituted."""
 
     differentiable = False
-    needs_prompt = True
 
     def score(self, images, prompts):
-        from ..tiny.scenes import SHAPES, caption_of, parse_caption
-
-        parsed = [parse_caption(p) for p in prompts]
+        parsed = [scenes.parse_caption(p) for p in prompts]
         cands = []
         for q in parsed:
             q = q or {"colour": "red", "background": "blue", "count": 1, "size": None}
-            cands += [caption_of(s, q["colour"], q["background"], q["count"], q["size"]) for s in SHAPES]
+            cands += [scenes.caption_of(s, q["colour"], q["background"], q["count"], q["size"]) for s in scenes.SHAPES]
         img = F.normalize(self.image_embeds(images.detach()), dim=-1)  # (B, D)
-        txt = F.normalize(self.text_embeds(cands), dim=-1).view(len(prompts), len(SHAPES), -1)  # (B, 3, D)
+        txt = F.normalize(self.text_embeds(cands), dim=-1).view(len(prompts), len(scenes.SHAPES), -1)  # (B, 3, D)
         pick = torch.einsum("bd,bkd->bk", img, txt).argmax(1)
-        truth = torch.tensor([SHAPES.index(q["shape"]) if q else -1 for q in parsed], device=pick.device)
+        truth = torch.tensor([scenes.SHAPES.index(q["shape"]) if q else -1 for q in parsed], device=pick.device)
         return (pick == truth).float()
 
 
@@ -124,9 +109,6 @@ class TinyTrueAesthetic(Reward):
     """Oracle: the analytic aesthetic score (0–10) measured on the pixels (see align_bench.tiny.scenes)."""
 
     differentiable = False
-    needs_prompt = False
 
     def score(self, images, prompts):
-        from ..tiny.scenes import aesthetic_score
-
-        return aesthetic_score(_to_clip_size(images.detach().float()))
+        return scenes.aesthetic_score(_to_clip_size(images.detach().float()))

@@ -2,8 +2,9 @@
 
 Stages (fixed seeds, step budgets, 2 threads by default): render a data pool → tokenizer + tiny CLIP → VAE → UNet
 with the CLIP's text tower fine-tuned jointly (``tiny``) → CLIP refinement (more contrastive steps; the shipped
-CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → quality evaluation → model cards. ``--smoke`` runs every stage at a tiny budget in seconds (into a temporary directory unless
-``--out`` is given). Progress bars go to stderr, a log to ``<out>/build.log``.
+CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → quality evaluation → model cards. ``--smoke`` runs every
+stage at a tiny budget in seconds (into a temporary directory unless ``--out`` is given). Progress bars go to
+stderr, a log to ``<out>/build.log``.
 
 Layout written::
 
@@ -39,8 +40,8 @@ log = logging.getLogger("align_bench.tiny")
 # 3,900 steps are the calibration point.
 FULL = dict(pool=20000, clip_steps=400, clip_bs=96, clip_refine_steps=600, vae_steps=2500, vae_bs=32,
             head_pool=10000, head_steps=600, unet_steps=3900, unet_bs=64, lcm_steps=800, lcm_bs=32, eval_n=2)
-SMOKE = dict(pool=256, clip_steps=3, clip_bs=12, clip_refine_steps=2, vae_steps=3, vae_bs=16, head_pool=256, head_steps=3,
-             unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, eval_n=1)
+SMOKE = dict(pool=256, clip_steps=3, clip_bs=12, clip_refine_steps=2, vae_steps=3, vae_bs=16, head_pool=256,
+             head_steps=3, unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, eval_n=1)
 
 
 def save_tiny_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:

@@ -35,8 +35,7 @@ LCM_STEPS = (1, 2, 4, 8)
 @torch.no_grad()
 def clip_ground_truth(root: Path, n_per_caption: int = 4, seed: int = 123) -> dict:
     """tiny-CLIP zero-shot accuracy on rendered ground truth of the single-shape family (all 56 pairs)."""
-    from .models import load_clip
-    from .train import image_features, text_features
+    from .models import image_features, load_clip, text_features
 
     clip, tok = load_clip(root / "clip")
     caps = scenes.all_single_captions()
@@ -80,7 +79,7 @@ def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0,
 
 def _score(rewards: dict, images: torch.Tensor, prompts: list[str]) -> dict:
     with torch.no_grad():
-        return {k: float(r(images, prompts)[0].mean()) for k, r in rewards.items()}
+        return {k: float(r(images, prompts).mean()) for k, r in rewards.items()}
 
 
 def evaluate_pipeline(root: Path, name: str, steps_list, guidance: float, n_per_prompt: int, rewards: dict,
@@ -107,11 +106,11 @@ def evaluate_pipeline(root: Path, name: str, steps_list, guidance: float, n_per_
 def headroom(rewards: dict, base_images: torch.Tensor, n: int = 2000, seed: int = 7) -> dict:
     """Mean learned/analytic aesthetic of base samples vs rendered scenes of the whole grammar."""
     imgs, _ = scenes.render_batch(np.random.default_rng(seed), n)
-    learned = rewards["tiny_aesthetic"](imgs, [""] * n)[0]
-    true = rewards["true_aesthetic"](imgs, [""] * n)[0]
+    learned = rewards["tiny_aesthetic"](imgs, [""] * n)
+    true = rewards["true_aesthetic"](imgs, [""] * n)
     top = learned.topk(max(1, n // 20)).values
-    base_l = rewards["tiny_aesthetic"](base_images, [""] * len(base_images))[0]
-    base_t = rewards["true_aesthetic"](base_images, [""] * len(base_images))[0]
+    base_l = rewards["tiny_aesthetic"](base_images, [""] * len(base_images))
+    base_t = rewards["true_aesthetic"](base_images, [""] * len(base_images))
     return {"base_samples_tiny_aesthetic_mean": float(base_l.mean()),
             "base_samples_true_aesthetic_mean": float(base_t.mean()),
             "rendered_tiny_aesthetic_mean": float(learned.mean()),

@@ -94,6 +94,23 @@ def tokenize(tokenizer, prompts: list[str], device=None) -> torch.Tensor:
     return ids if device is None else ids.to(device)
 
 
+# The tiny CLIP's feature functions: shared by the build (training) and the tiny-world rewards.
+def clip_pixel_values(images: torch.Tensor) -> torch.Tensor:
+    """(B,3,32,32) in [0,1] → CLIP input: (x − 0.5) / 0.5 (the tiny CLIP is trained with this normalisation)."""
+    return images * 2 - 1
+
+
+def image_features(model, images: torch.Tensor) -> torch.Tensor:
+    """(B,3,32,32) in [0,1] → (B, 64) projected image embedding (differentiable; version-proof spelling of
+    ``get_image_features``)."""
+    return model.visual_projection(model.vision_model(pixel_values=clip_pixel_values(images)).pooler_output)
+
+
+def text_features(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B, 16) ids → (B, 64) projected text embedding."""
+    return model.text_projection(model.text_model(input_ids=ids).pooler_output)
+
+
 class AestheticHead(torch.nn.Module):
     """LAION aesthetic-predictor architecture, scaled down: L2-normalised embedding (D) → MLP → score (B,).
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from ..prompts import PROMPT_SETS, register_prompts
 from .scenes import HELDOUT_PAIRS, SEEN_PAIRS, all_captions, all_single_captions
 
 
@@ -19,19 +18,15 @@ def _heldout_pairs() -> list[tuple[str, str]]:
     return [(a, b) for a in COLOURS for b in COLOURS if (a, b) in HELDOUT_PAIRS]
 
 
-def _register(name, fn):
-    if name not in PROMPT_SETS:  # idempotent on re-import
-        register_prompts(name)(fn)
-
-
-_register("tiny_train", lambda: all_captions(list(SEEN_PAIRS)))
-_register("tiny_eval", lambda: all_single_captions(_heldout_pairs()))
-_register("tiny_train_simple", lambda: all_single_captions(list(SEEN_PAIRS)))
-
-
 def _eval_seen() -> list[str]:
     simple = all_single_captions(list(SEEN_PAIRS))  # 48 pairs × 3 shapes; take one shape per other pair
     return [simple[6 * i + i % 3] for i in range(24)]
 
 
-_register("tiny_eval_seen", _eval_seen)
+# name → prompt-list function; align_bench.prompts registers them (this module imports nothing of it).
+TINY_PROMPT_SETS = {
+    "tiny_train": lambda: all_captions(list(SEEN_PAIRS)),
+    "tiny_eval": lambda: all_single_captions(_heldout_pairs()),
+    "tiny_train_simple": lambda: all_single_captions(list(SEEN_PAIRS)),
+    "tiny_eval_seen": _eval_seen,
+}

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes
-from .models import AestheticHead, build_unet, build_vae, clip_config, noise_schedule_kwargs, tokenize
+from .models import (AestheticHead, build_unet, build_vae, clip_config, clip_pixel_values, image_features,
+                     noise_schedule_kwargs, tokenize)
 
 log = logging.getLogger("align_bench.tiny")
 
@@ -63,11 +64,6 @@ def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP
 # ---------------------------------------------------------------------------------------------------------------
-
-def clip_pixel_values(images: torch.Tensor) -> torch.Tensor:
-    """(B,3,32,32) in [0,1] → CLIP input: (x − 0.5) / 0.5 (the tiny CLIP is trained with this normalisation)."""
-    return images * 2 - 1
-
 
 def shape_group_batch(rng: np.random.Generator, n_groups: int, pairs=scenes.SEEN_PAIRS):
     """Hard-negative batch for CLIP: n_groups scenes, each rendered with all three shapes (same colours, size word
@@ -125,17 +121,6 @@ def refine_clip(clip, tokenizer, steps: int, bs: int = 96, lr: float = 5e-4, see
 def clip_image_embeds(model, images: torch.Tensor, bs: int = 512) -> torch.Tensor:
     """(N,3,32,32) float in [0,1] → (N, 64) projected (unnormalised) image embeddings."""
     return torch.cat([image_features(model, images[i:i + bs]) for i in range(0, len(images), bs)])
-
-
-def image_features(model, images: torch.Tensor) -> torch.Tensor:
-    """(B,3,32,32) in [0,1] → (B, 64) projected image embedding (differentiable; version-proof spelling of
-    ``get_image_features``)."""
-    return model.visual_projection(model.vision_model(pixel_values=clip_pixel_values(images)).pooler_output)
-
-
-def text_features(model, ids: torch.Tensor) -> torch.Tensor:
-    """(B, 16) ids → (B, 64) projected text embedding."""
-    return model.text_projection(model.text_model(input_ids=ids).pooler_output)
 
 
 # ---------------------------------------------------------------------------------------------------------------
