@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast tiny-world bench clean
+.PHONY: install demo lint test test-fast tiny-world bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(STAMP)  ## create the virtual environment and install align_bench wit
 
 demo: $(STAMP)  ## DDPO on the embedded tiny world (a few minutes on a laptop CPU); prints the eval table
 	$(PY) train.py experiment=tiny_ddpo
+
+lint: $(STAMP)  ## ruff (configured in pyproject.toml): pyflakes, pycodestyle, bugbear
+	$(PY) -m ruff check src tests benchmarks train.py
 
 test: $(STAMP)  ## the whole test suite (< 15 minutes on 2 CPU cores)
 	$(PY) -m pytest -q
