@@ -156,6 +156,7 @@ def test_two_run_multirun_end_to_end(tmp_path):
     runs, problems = load_runs(tmp_path / "runs")
     assert not problems and sorted(r.seed for r in runs if r.complete) == [0, 1]
     page = (tmp_path / "README.md").read_text()
+    assert (tmp_path / "runs" / "tiny_ddpo" / "seed0" / "train.csv").is_file()  # the csv logger is always on
     assert "| ddpo |" in page and "tiny_true_aesthetic" in page and "figures/steps_tiny_tiny_aesthetic.png" in page
     assert (tmp_path / "figures" / "steps_tiny_tiny_aesthetic.pdf").is_file()
     assert (tmp_path / "tables.tex").read_text().count(r"\begin{table}") == 2
@@ -164,3 +165,40 @@ def test_two_run_multirun_end_to_end(tmp_path):
     assert study.main([str(path), "--aggregate-only"]) == 0 and (tmp_path / "tables.csv").read_text() == before
     # Re-running the finished study launches nothing.
     assert study.launch(study.load_spec(path)) == []
+
+
+def test_base_eval_cache_hits_only_on_identical_settings(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from align_bench.core import eval_cache
+    from align_bench.runner import _base_eval
+
+    monkeypatch.setenv("ALIGN_BENCH_CACHE", str(tmp_path / "cache"))
+    cfg = OmegaConf.create({"eval": {"cache_base": True, "rewards": ["b"], "eta": 0.0, "batch_size": 4},
+                            "steps": {"eval": [1, 2]}, "reward": {"name": "a", "kwargs": {}}, "mixed_precision": "no",
+                            "model": {"path": "assets/tiny-world/tiny", "guidance_scale": 7.5, "name": "tiny"},
+                            "logger": {"save_images": False}})
+    acc = SimpleNamespace(num_processes=1, is_main_process=True, device="cpu")
+    calls = []
+    table = {"a": {"1": {"mean": 0.1 + 0.2, "std": 1 / 3, "n": 4}}}
+
+    def compute():
+        calls.append(1)
+        return table
+
+    items = [("p", 1), ("q", 2)]
+    assert _base_eval(cfg, items, acc, tmp_path, compute) == table and len(calls) == 1
+    assert _base_eval(cfg, items, acc, tmp_path, compute) == table and len(calls) == 1  # served, floats exact
+    assert _base_eval(cfg, [("p", 1), ("q", 3)], acc, tmp_path, compute) == table and len(calls) == 2  # other seeds
+    cfg.eval.batch_size = 8  # batch composition changes CPU numerics: a different entry
+    _base_eval(cfg, items, acc, tmp_path, compute)
+    assert len(calls) == 3
+    cfg.eval.cache_base = False
+    _base_eval(cfg, items, acc, tmp_path, compute)
+    assert len(calls) == 4 and len(list(eval_cache.cache_dir().iterdir())) == 3
+    acc2 = SimpleNamespace(num_processes=2, is_main_process=True, device="cpu")
+    cfg.eval.cache_base, cfg.eval.batch_size = True, 4
+    _base_eval(cfg, items, acc2, tmp_path, compute)  # several processes: always computed (no rank may skip)
+    assert len(calls) == 5
