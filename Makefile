@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast tiny-world bench clean
+.PHONY: install demo lint test test-fast tiny-world bench reproduce-tables clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-fast: $(STAMP)  ## everything but the end-to-end training runs
 
 tiny-world: $(STAMP)  ## rebuild the embedded tiny world from scratch (fixed seeds, ≤ 60 min on 2 CPU cores)
 	$(PY) -m align_bench.tiny.build --out assets/tiny-world
+
+PRESET ?= tiny
+reproduce-tables: $(STAMP)  ## the comparison (experiments/specs/$(PRESET).yaml): launch missing runs, then tables + plots; QUICK=1: one seed
+	$(PY) -m align_bench.study experiments/specs/$(PRESET).yaml $(if $(QUICK),--quick)
 
 bench: $(STAMP)  ## speed and memory measurements (not tests)
 	$(PY) benchmarks/run_all.py

@@ -4,12 +4,15 @@ path), and Hydra composition of the real conf/ tree."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The base-eval cache (align_bench.core.eval_cache) of a test session lives and dies with it; subprocesses inherit it.
+os.environ.setdefault("ALIGN_BENCH_CACHE", tempfile.mkdtemp(prefix="align_bench_cache_"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

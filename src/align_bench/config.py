@@ -56,11 +56,20 @@ class PromptsSchema:
 
 
 @dataclass
+class WandbSchema:
+    mode: str
+    project: Optional[str]
+    entity: Optional[str]
+
+
+@dataclass
 class LoggerSchema:
     progress: bool
     log_every: int
     save_images: bool
     plots: bool
+    backends: list[str]
+    wandb: Optional[WandbSchema]
 
 
 @dataclass
@@ -71,6 +80,7 @@ class EvalSchema:
     eta: float
     seed: int
     base: bool
+    cache_base: bool
 
 
 @dataclass

@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         metrics = run(cfg, run_dir)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, ImportError) as e:
         # Configuration and input errors: one line, no traceback (HYDRA_FULL_ERROR=1 shows it).
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

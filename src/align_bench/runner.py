@@ -28,6 +28,7 @@ from .core import checkpoint as ckpt
 from .core.evaluation import eval_items, evaluate, format_table, merge_scores, summarize
 from .core.rollout import Trajectory, rollout
 from .models.diffusion import FAMILIES, DiffusionModel, ModelSpec
+from .loggers import build_logger, check_backends
 from .prompts import PromptSampler, load_prompts
 from .rewards import build_reward, differentiable_rewards, reward_info
 
@@ -114,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"step counts must be ≥ 1, got train={cfg.steps.train} eval={list(cfg.steps.eval)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    check_backends(cfg.logger.backends)
     algo.validate(cfg)
 
 
@@ -136,6 +138,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Before seeding and loading: a backend's own randomness (wandb's run id) cannot shift the run's RNG streams,
+    # and a missing logger package fails before the weights load.
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                          f"{cfg.algo.name}-{cfg.model.name}-{cfg.reward.name}-seed{cfg.seed}", main)
     # Device-specific seeds: each process draws different samples, all reproducible from cfg.seed.
     seed = int(cfg.seed) + 1000 * accelerator.process_index
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -165,7 +171,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         _log_sizes(cfg, algo, accelerator, len(train_prompts), len(eval_prompts))
     metrics = {"eval": {}, "train": [], "eval_history": [], "run": {}}
 
-    def run_eval(tag: str, lora: bool = True) -> dict:
+    def run_eval(tag: str, step: int, lora: bool = True) -> dict:
         ctxm = model.lora_disabled(unet) if not lora else _null()
         with ctxm:
             shard = eval_set[accelerator.process_index::accelerator.num_processes]
@@ -181,14 +187,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             from .plots import save_image_grid
 
             save_image_grid(images, run_dir / f"samples_{tag}.png", title=f"{tag}: {cfg.algo.name} / {cfg.model.name}")
-        return summarize(raw)
+            logger.image(step, f"samples_{tag}", run_dir / f"samples_{tag}.png")
+        table = summarize(raw)
+        logger.eval(step, tag, table)
+        return table
 
     start_epoch = 0
     if cfg.resume and ckpt.latest(run_dir) is not None:
         start_epoch, metrics = ckpt.load(ckpt.latest(run_dir), ctx, state)
         log.info("resumed from %s at epoch %d", ckpt.latest(run_dir), start_epoch)
     elif cfg.eval.base:
-        metrics["eval"]["base"] = run_eval("base", lora=False)
+        metrics["eval"]["base"] = _base_eval(cfg, eval_set, accelerator, run_dir,
+                                             lambda: run_eval("base", 0, lora=False))
         log.info("base eval (LoRA off):\n%s", format_table({"base": metrics["eval"]["base"]}))
 
     num_epochs = int(cfg.algo.num_epochs)
@@ -200,17 +210,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         summary = {"epoch": epoch, **summary, **ctx.counters, "epoch_time_s": time.time() - t0,
                    "wall_time_s": time.time() - t_start}
         metrics["train"].append(summary)
+        logger.train(epoch, summary)
         if main and (epoch % max(1, int(cfg.logger.log_every)) == 0 or epoch == num_epochs - 1):
             log.info("epoch %d | %s", epoch, _fmt(summary))
         bar.set_postfix(reward=f"{summary.get('reward_mean', float('nan')):.4f}")
         if cfg.eval.every and (epoch + 1) % int(cfg.eval.every) == 0 and epoch + 1 < num_epochs:
-            metrics["eval_history"].append({"epoch": epoch + 1, **ctx.counters, "eval": run_eval(f"epoch{epoch + 1}")})
+            metrics["eval_history"].append({"epoch": epoch + 1, **ctx.counters,
+                                            "eval": run_eval(f"epoch{epoch + 1}", epoch + 1)})
         if cfg.checkpoint.every and (epoch + 1) % int(cfg.checkpoint.every) == 0 and main:
             ckpt.save(run_dir, epoch + 1, ctx, state, metrics, keep=int(cfg.checkpoint.keep))
         if main:
             _write_metrics(run_dir, metrics, cfg, t_start, ctx)
 
-    metrics["eval"]["final"] = run_eval("final")
+    metrics["eval"]["final"] = run_eval("final", num_epochs)
     ctx.counters["lora_in_sync"] = _lora_in_sync(ctx)
     if main:
         model.save_lora(run_dir / "lora")
@@ -222,11 +234,39 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("eval (%s, %s, %s):\n%s", cfg.algo.name, cfg.model.name, cfg.reward.name,
                  format_table({k: metrics["eval"][k] for k in ("base", "final") if k in metrics["eval"]}))
         log.info("run dir: %s (%.0f s)", run_dir, time.time() - t_start)
+    logger.close()
     accelerator.end_training()
     return metrics
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _base_eval(cfg: DictConfig, eval_set: list, accelerator, run_dir: Path, compute) -> dict:
+    """The base model's eval table: from the cache when `eval.cache_base` and an entry matches, else computed (and
+    stored by the main process). Evaluation draws from its own generators only, so skipping it leaves every RNG
+    stream of the run where it would have been."""
+    from .core import eval_cache
+
+    # Single process only: with several, one rank finding an entry another lacks would skip the eval's collective
+    # gather and hang the others.
+    if not cfg.eval.cache_base or accelerator.num_processes > 1:
+        return compute()
+    settings = {"steps": list(cfg.steps.eval), "rewards": [cfg.reward.name, *cfg.eval.rewards],
+                "reward_kwargs": OmegaConf.to_container(cfg.reward.kwargs, resolve=True), "eta": float(cfg.eval.eta),
+                "guidance": float(cfg.model.guidance_scale), "batch_size": int(cfg.eval.batch_size),
+                "processes": accelerator.num_processes, "device": str(accelerator.device),
+                "mixed_precision": cfg.mixed_precision}
+    key = eval_cache.base_eval_key(OmegaConf.to_container(cfg.model, resolve=True), eval_set, settings)
+    grid = run_dir / "samples_base.png"
+    cached = eval_cache.load(key, grid if accelerator.is_main_process and cfg.logger.save_images else None)
+    if cached is not None:
+        log.info("base eval: cached (%s)", eval_cache.cache_dir() / key)
+        return cached
+    table = compute()
+    if accelerator.is_main_process:
+        eval_cache.store(key, table, grid if grid.is_file() else None)
+    return table
+
+
 class _null:
     def __enter__(self):
         return self

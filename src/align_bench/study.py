@@ -1,0 +1,188 @@
+"""`make reproduce-tables`: a study spec (experiments/specs/<preset>.yaml) → the runs it needs, launched through
+Hydra multirun only where missing, → tables (Markdown, LaTeX, CSV), plots and a results page.
+
+    python -m align_bench.study experiments/specs/tiny.yaml            # run what is missing, then aggregate
+    python -m align_bench.study experiments/specs/tiny.yaml --quick    # one seed, a smaller study
+    python -m align_bench.study experiments/specs/tiny.yaml --aggregate-only
+    python -m align_bench.study experiments/specs/tiny.yaml --dry-run  # print the multirun commands
+
+A run is identified by its directory `<runs>/<preset>/seed<seed>` (Hydra's sweep subdir), so re-running the study
+skips every run whose metrics.json has a final eval and relaunches the rest (with `resume` set as the spec says,
+so a killed run continues from its checkpoint where the runner supports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import REPO_ROOT
+from .tables import load_runs, write_tables
+
+log = logging.getLogger("align_bench.study")
+
+_SPEC_KEYS = {"name", "runs", "results", "presets", "seeds", "overrides", "launcher", "quick"}
+
+
+@dataclass
+class Spec:
+    """A study: presets × seeds with common overrides, launched by `launcher` (a hydra/launcher choice plus its
+    keys). `quick` holds the keys that `--quick` replaces (e.g. seeds: [0])."""
+
+    name: str
+    runs: Path
+    results: Path
+    presets: list[str]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+    launcher: dict = field(default_factory=dict)
+    quick: dict = field(default_factory=dict)
+
+
+def load_spec(path: Path, quick: bool = False) -> Spec:
+    """Read and check a spec; relative paths are relative to the repository root. One-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        specs = sorted(p.name for p in (REPO_ROOT / "experiments" / "specs").glob("*.yaml"))
+        raise FileNotFoundError(f"study spec {path} not found; available: {specs}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = set(raw) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+    if quick:
+        raw = {**raw, **raw.get("quick", {})}
+    for key in ("name", "runs", "presets", "seeds"):
+        if not raw.get(key):
+            raise ValueError(f"{path}: '{key}' is required and must not be empty")
+    from .main import CONFIG_DIR
+
+    missing = [p for p in raw["presets"] if not (Path(CONFIG_DIR) / "experiment" / f"{p}.yaml").is_file()]
+    if missing:
+        raise ValueError(f"{path}: unknown preset(s) {missing} (conf/experiment/<name>.yaml)")
+    root = lambda p: Path(p) if Path(p).is_absolute() else REPO_ROOT / p  # noqa: E731
+    return Spec(name=raw["name"], runs=root(raw["runs"]), results=root(raw.get("results") or Path(raw["runs"]).parent),
+                presets=list(raw["presets"]), seeds=[int(s) for s in raw["seeds"]],
+                overrides=list(raw.get("overrides", [])), launcher=dict(raw.get("launcher", {})),
+                quick=dict(raw.get("quick", {})))
+
+
+def run_dir(spec: Spec, preset: str, seed: int) -> Path:
+    return spec.runs / preset / f"seed{seed}"
+
+
+def is_finished(path: Path) -> bool:
+    """metrics.json exists, parses and holds the final eval (the runner writes it last)."""
+    try:
+        return "final" in json.loads((path / "metrics.json").read_text()).get("eval", {})
+    except (OSError, ValueError):
+        return False
+
+
+def missing_runs(spec: Spec) -> dict[str, list[int]]:
+    """{preset: [seeds whose run is not finished]} (presets with nothing missing left out)."""
+    out = {}
+    for preset in spec.presets:
+        seeds = [s for s in spec.seeds if not is_finished(run_dir(spec, preset, s))]
+        if seeds:
+            out[preset] = seeds
+    return out
+
+
+def multirun_command(spec: Spec, preset: str, seeds: list[int]) -> list[str]:
+    """One Hydra multirun per preset over its missing seeds; the sweep dir puts each job at run_dir()."""
+    launcher = dict(spec.launcher)
+    kind = launcher.pop("kind", "basic")
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "-m", f"experiment={preset}",
+           "seed=" + ",".join(str(s) for s in seeds),
+           f"hydra.sweep.dir={spec.runs / preset}", "hydra.sweep.subdir=seed${seed}"]
+    if kind != "basic":
+        cmd.append(f"hydra/launcher={kind}")
+        cmd += [f"hydra.launcher.{k}={v}" for k, v in launcher.items()]
+    return cmd + list(spec.overrides)
+
+
+def launch(spec: Spec, dry_run: bool = False) -> list[list[str]]:
+    """Launch every missing run; returns the commands (none when the study is complete)."""
+    todo = missing_runs(spec)
+    cmds = [multirun_command(spec, p, s) for p, s in todo.items()]
+    total = sum(len(s) for s in todo.values())
+    log.info("%s: %d of %d runs to do%s", spec.name, total, len(spec.presets) * len(spec.seeds),
+             "" if total else " (all finished: nothing launched)")
+    # One thread per job: the launcher runs several jobs side by side and oversubscription was seen to cost
+    # up to 10x on CPU. A user's own OMP_NUM_THREADS wins.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for cmd in cmds:
+        log.info("launch: %s", shlex.join(cmd))
+        if not dry_run:
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
+    return cmds
+
+
+def aggregate(spec: Spec) -> Path:
+    """Tables, plots and the results page from every metrics.json under spec.runs; returns the page's path."""
+    from .plots import plot_study
+
+    runs, problems = load_runs(spec.runs)
+    for path, why in problems:
+        log.warning("skipped %s: %s", path, why)
+    tables = write_tables(runs, problems, spec.results)
+    figures = plot_study(runs, spec.results)
+    page = spec.results / "README.md"
+    md = (spec.results / "tables.md").read_text().splitlines()
+    md[0] = f"# Results: {spec.name}"
+    md.insert(2, f"Regenerate: `make reproduce-tables PRESET={spec.name}` (launches only missing runs, then "
+                 f"aggregates). Spec: `experiments/specs/{spec.name}.yaml`; runs under "
+                 f"`{_rel(spec.runs)}`. Also as `tables.tex` and `tables.csv`.\n")
+    if figures:
+        md += ["", "## Figures", ""] + [f"![{p.stem}]({_rel(p, spec.results)})" for p in figures]
+    page.write_text("\n".join(md) + "\n")
+    log.info("%d tables, %d figures → %s", len(tables), len(figures), page)
+    return page
+
+
+def _rel(p: Path, base: Path = REPO_ROOT) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m align_bench.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("spec", type=Path, help="experiments/specs/<name>.yaml")
+    ap.add_argument("--quick", action="store_true", help="the spec's `quick` variant (e.g. one seed)")
+    ap.add_argument("--aggregate-only", action="store_true", help="launch nothing; tables from what exists")
+    ap.add_argument("--dry-run", action="store_true", help="print the multirun commands, launch nothing")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        spec = load_spec(args.spec, quick=args.quick)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    if not args.aggregate_only:
+        try:
+            launch(spec, dry_run=args.dry_run)
+        except subprocess.CalledProcessError as e:
+            print(f"error: a sweep failed (exit {e.returncode}): {shlex.join(e.cmd)}", file=sys.stderr)
+            return 1
+        if args.dry_run:
+            return 0
+    aggregate(spec)
+    log.info("done in %.0f s", time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
