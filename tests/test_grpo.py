@@ -248,3 +248,13 @@ def test_tiny_grpo_raises_the_held_out_eval_reward(tmp_path):
     metrics = run(cfg, tmp_path / "run")
     base, final = (metrics["eval"][k]["tiny_aesthetic"]["8"]["mean"] for k in ("base", "final"))
     assert final > base + 0.1, (base, final)
+
+
+def test_zero_spread_groups_contribute_nothing_and_are_counted(random_pipeline_dir, tmp_path, monkeypatch):
+    """A reward that ties every group: every advantage is exactly 0, so (β = 0) the loss and gradient are 0."""
+    import align_bench.runner as runner
+
+    monkeypatch.setattr(runner, "build_reward", lambda *a, **k: lambda images, prompts, t=None: torch.ones(len(images)))
+    m = runner.run(_fast_cfg(random_pipeline_dir), tmp_path)["train"][0]
+    assert m["num_groups"] == m["zero_spread_groups"] == 2
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0 and m["optimizer_steps"] == 1
