@@ -300,13 +300,14 @@ def _quiet_libraries() -> None:
 
 def _fmt(summary: dict) -> str:
     keys = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "ratio_mean", "grad_norm",
-            "reward_queries", "epoch_time_s"]
+            "reward_queries", "epoch_time_s", "kl", "zero_spread_groups"]
     return " ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary and summary[k] is not None)
 
 
 def _log_sizes(cfg, algo, accelerator, n_train, n_eval) -> None:
     s = cfg.algo.sample
     per_epoch = int(s.batch_size) * int(s.num_batches_per_epoch) * accelerator.num_processes
+    per_epoch *= int(s.get("group_size", 1))  # GRPO: batch_size counts groups of group_size samples
     log.info("algo=%s model=%s reward=%s | %d processes, device %s | samples/epoch %d, train steps %d, "
              "backward calls per optimizer step %d | %d train prompts, %d eval prompts × %d seeds at steps %s",
              cfg.algo.name, cfg.model.name, cfg.reward.name, accelerator.num_processes, accelerator.device, per_epoch,
