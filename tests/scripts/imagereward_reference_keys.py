@@ -1,8 +1,8 @@
 """Record the state-dict keys and shapes of the reference ImageReward model (THUDM's `image-reward` 1.5 wheel) at its
 real size, without weights and without installing it: its modules are imported from an unpacked wheel with stubs
 for the names transformers 5 / timm 1.x / fairscale no longer provide (none of them is used to build the module
-tree), and built once with random bf16 weights. Output: tests/data/imagereward_keys.json, which tests/test_real_rewards.py
-checks our key mapping against (every key mapped or deliberately dropped, none missing).
+tree), and built once with random bf16 weights. Output: tests/data/imagereward_keys.json, which
+tests/test_real_rewards.py checks our key mapping against (every key mapped or deliberately dropped, none missing).
 
     pip download --no-deps image-reward==1.5 && unzip image_reward-1.5-py3-none-any.whl -d /tmp/ir
     python tests/scripts/imagereward_reference_keys.py /tmp/ir > tests/data/imagereward_keys.json
@@ -84,11 +84,12 @@ def main(wheel_dir: str) -> None:
 
     transformers.modeling_utils.PreTrainedModel = real_pretrained
 
-    torch.set_default_dtype(torch.bfloat16)  # ~0.9 GB of random weights (the meta device trips on ViT's drop-path .item())
+    # ~0.9 GB of random weights (the meta device trips on the ViT's drop-path .item())
+    torch.set_default_dtype(torch.bfloat16)
     model = ImageReward(f.name)
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
-    json.dump({"source": "image-reward==1.5 ImageReward(med_config) state_dict (random init, shapes only)", "keys": keys},
-              sys.stdout, indent=0)  # noqa: E501
+    source = "image-reward==1.5 ImageReward(med_config) state_dict (random init, shapes only)"
+    json.dump({"source": source, "keys": keys}, sys.stdout, indent=0)
 
 
 if __name__ == "__main__":
