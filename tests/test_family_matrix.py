@@ -25,6 +25,16 @@ SHRINK = {"sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "train.batc
           "train.gradient_accumulation_steps": 1, "train.num_inner_epochs": 1}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their synchronisation dominates
+    (the matrix took 10× longer with 2 threads than with 1 under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     from align_bench.models.testing import build_random_pipeline

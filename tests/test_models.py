@@ -12,6 +12,16 @@ from conftest import compose
 REAL_MODELS = {"sd15": "sd", "sd_turbo": "sd_turbo", "lcm": "lcm", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their synchronisation dominates
+    (the matrix took 10× longer with 2 threads than with 1 under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     from align_bench.models.testing import KINDS, build_random_pipeline

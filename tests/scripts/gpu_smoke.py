@@ -33,11 +33,13 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rewards", default=",".join(REWARDS))
     parser.add_argument("--out", default="runs/gpu-smoke")
+    parser.add_argument("--cpu", action="store_true", help="run without a GPU (to check the script itself)")
     args = parser.parse_args()
     models, rewards = args.models.split(","), args.rewards.split(",")
     import torch
 
-    if not torch.cuda.is_available():
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
         print(f"gpu-smoke: no CUDA device — skipped all {len(models) * len(rewards)} model × reward updates")
         return 0
     from align_bench.main import compose
@@ -56,16 +58,16 @@ def main() -> int:
             _check_path(ModelSpec.from_config(cfg.model))
             present_models.append(m)
         except MissingCheckpointError as e:
-            skipped.append(f"model={m}: {e}")
+            skipped.append(str(e))
     present_rewards = []
     for r in rewards:
         cfg = compose([f"reward={r}"])
         try:
-            reward = build_reward(r, "cuda", **cfg.reward.kwargs)
+            reward = build_reward(r, device, **cfg.reward.kwargs)
         except (MissingCheckpointError, MissingRewardDependency) as e:
-            skipped.append(f"reward={r}: {e}")
+            skipped.append(str(e))
             continue
-        images = torch.rand(2, 3, 512, 512, device="cuda", requires_grad=True)
+        images = torch.rand(2, 3, 512, 512, device=device, requires_grad=True)
         scores = reward(images, ["a photo of a cat", "a watercolor of a fox"])
         scores.sum().backward()
         ok = bool(torch.isfinite(scores).all() and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0)
@@ -74,7 +76,8 @@ def main() -> int:
         failed |= not ok
         present_rewards.append(r)
         del reward, images
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     for m in present_models:
         for r in present_rewards:
@@ -82,21 +85,23 @@ def main() -> int:
             t0 = time.time()
             try:
                 cfg = compose([f"model={m}", f"reward={r}", *RUN, f"steps.train={TRAIN_STEPS.get(m, 4)}",
-                               f"run_dir={out}"])
+                               f"run_dir={out}", f"device={'cpu' if args.cpu else 'auto'}"])
                 metrics = run(cfg, out)
                 final = metrics["eval"]["final"][r]["1"]["mean"]
                 base = metrics["eval"].get("base", {}).get(r, {}).get("1", {}).get("mean", float("nan"))
                 ok = metrics["run"]["optimizer_steps"] >= 1
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
                 rows.append((f"{m} × {r}", "ok" if ok else "FAILED", f"eval@1 base {base:.4g} → final {final:.4g}",
-                             f"{time.time() - t0:.0f} s, {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak"))
+                             f"{time.time() - t0:.0f} s, {peak:.1f} GiB peak"))
                 failed |= not ok
             except Exception as e:  # noqa: BLE001 - report every combination, then fail at the end
                 traceback.print_exc()
                 rows.append((f"{m} × {r}", "FAILED", f"{type(e).__name__}: {e}"[:200], ""))
                 failed = True
             gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
 
     print("\ngpu-smoke results")
     for row in rows:
