@@ -1,7 +1,7 @@
 """LAION aesthetic predictor (improved-aesthetic-predictor, `sac+logos+ava1-l14-linearMSE`): the L2-normalised CLIP
 ViT-L/14 image embedding → a linear MLP (768 → 1024 → 128 → 64 → 16 → 1, dropout between, no activations), trained
 to predict mean AVA-style ratings, ≈ 1–10 (SD 1.5 ≈ 5.4). The reward of DDPO, D3PO, AlignProp, SDPO's aesthetic
-task. Prompt-free, differentiable. docs/algos/ddpo.md and the README list its ids; no other scale exists.
+task. Prompt-free, differentiable. docs/rewards.md; no other scale exists.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `yuvalkirstain/PickScore_v1`, with the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` processor (224², OpenAI mean/std,
 77-token text). Score = logit_scale · cos(image embedding, text embedding), ≈ 18–23 for SD-class images (the
 PickScore README's formula, `scale: official`). SDPO reports the cosine alone (`scale: raw`, ≈ 0.2;
-docs/algos/sdpo.md). Differentiable.
+docs/rewards.md). Differentiable.
 """
 
 from __future__ import annotations
