@@ -163,3 +163,23 @@ def test_family_that_contradicts_the_checkpoint_is_refused(name, kind, replicas)
     found = "sdxl" if kind == "sdxl" else "sd"
     with pytest.raises(ValueError, match=f"model.family=.* but the UNet .* is a '{found}'"):
         _load(name, replicas[kind])
+
+
+def test_hub_id_in_the_local_cache_resolves_offline(replicas, monkeypatch, tmp_path):
+    """A hub id whose snapshot is in the HF cache loads with HF_HUB_OFFLINE=1 (the cache layout huggingface_hub
+    writes: models--owner--name/{refs/main, snapshots/<commit>/...}), for a pipeline and for a single file."""
+    import shutil
+
+    from align_bench.models.hub import resolve_file
+
+    commit = "0" * 40
+    repo = tmp_path / "models--someone--tiny-sdxl"
+    shutil.copytree(replicas["sdxl"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = _load("sdxl", "someone/tiny-sdxl")
+    assert model.family == "sdxl" and model.text_encoder_2 is not None
+    found = resolve_file("someone/tiny-sdxl", "someone/tiny-sdxl", "model_index.json", what="test")
+    assert found == repo / "snapshots" / commit / "model_index.json"

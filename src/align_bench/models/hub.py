@@ -18,6 +18,11 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
+def cache_dir() -> str | None:
+    """HF_HUB_CACHE as set now (huggingface_hub reads it once, at import); None: the library's default."""
+    return os.environ.get("HF_HUB_CACHE") or None
+
+
 def looks_like_hub_id(path: str) -> bool:
     """`owner/name` (one slash, not a relative or absolute path)."""
     return path.count("/") == 1 and not path.startswith((".", "/", "~"))
@@ -38,7 +43,7 @@ def resolve_dir(path: str, *, what: str, hint: str = "") -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(path, local_files_only=offline()))
+            return Path(snapshot_download(path, local_files_only=offline(), cache_dir=cache_dir()))
         except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
             raise MissingCheckpointError(
                 f"{what}: {path} is neither a local directory nor in the Hugging Face cache ({type(e).__name__}) — "
@@ -59,7 +64,7 @@ def resolve_file(path: str, repo_id: str | None = None, filename: str | None = N
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=offline()))
+            return Path(hf_hub_download(repo_id, filename, local_files_only=offline(), cache_dir=cache_dir()))
         except Exception as e:  # noqa: BLE001
             raise MissingCheckpointError(
                 f"{what}: {filename} of {repo_id} is not on disk nor in the Hugging Face cache ({type(e).__name__}) "
