@@ -23,7 +23,9 @@ def stub(name, **attrs):
     return module
 
 
-def main(wheel_dir: str) -> None:
+def import_reference(wheel_dir: str):
+    """The wheel's ImageReward package (ImageReward.ImageReward, ...models.BLIP.med, ...vit) importable on today's
+    libraries; its modules stay unchanged."""
     import timm.layers
     import transformers.modeling_utils
     import transformers.pytorch_utils as pu
@@ -41,8 +43,22 @@ def main(wheel_dir: str) -> None:
         def init_weights(self):
             pass
 
+        # the two transformers 4 helpers med.py's forward calls (gone from transformers 5), as 4.x defined them
+        @property
+        def dtype(self):
+            return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+        def invert_attention_mask(self, mask):
+            mask = mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]
+            return (1.0 - mask.to(self.dtype)) * torch.finfo(self.dtype).min
+
+        def get_head_mask(self, head_mask, num_layers):
+            return [None] * num_layers
+
     real_pretrained = transformers.modeling_utils.PreTrainedModel
     transformers.modeling_utils.PreTrainedModel = PreTrainedModel  # only while the wheel's med.py is imported
+    saved = {name: sys.modules.get(name) for name in ("timm.models.vision_transformer", "timm.models.layers",
+                                                      "timm.models.helpers", "timm.models.registry")}
     stub("fairscale"), stub("fairscale.nn"), stub("fairscale.nn.checkpoint")
     stub("fairscale.nn.checkpoint.checkpoint_activations", checkpoint_wrapper=lambda m, **k: m)
     stub("timm.models.hub", download_cached_file=None)
@@ -63,14 +79,30 @@ def main(wheel_dir: str) -> None:
 
     import transformers
 
-    transformers.BertTokenizer = Tokenizer
+    real_tokenizer, transformers.BertTokenizer = transformers.BertTokenizer, Tokenizer
     import os
-    import tempfile
 
     # Package stubs with the wheel's paths: submodules import without running the packages' __init__ (which pull in
     # OpenAI's `clip` package for the CLIP/aesthetic baselines)
     for pkg in ("ImageReward", "ImageReward/models", "ImageReward/models/BLIP"):
         stub(pkg.replace("/", "."), __path__=[os.path.join(wheel_dir, pkg)])
+
+    import ImageReward.ImageReward  # noqa: F401
+    import ImageReward.models.BLIP.med  # noqa: F401
+    import ImageReward.models.BLIP.vit  # noqa: F401
+
+    # put today's modules back (the wheel's modules keep the names they imported)
+    transformers.modeling_utils.PreTrainedModel = real_pretrained
+    transformers.BertTokenizer = real_tokenizer
+    for name, module in saved.items():
+        if module is not None:
+            sys.modules[name] = module
+    return sys.modules["ImageReward.ImageReward"]
+
+
+def main(wheel_dir: str) -> None:
+    import_reference(wheel_dir)
+    import tempfile
 
     # BLIP's med_config.json as THUDM/ImageReward ships it (BERT-base with cross-attention; vocab + [DEC], [ENC])
     med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
@@ -81,8 +113,6 @@ def main(wheel_dir: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(med, f)
     from ImageReward.ImageReward import ImageReward
-
-    transformers.modeling_utils.PreTrainedModel = real_pretrained
 
     # ~0.9 GB of random weights (the meta device trips on the ViT's drop-path .item())
     torch.set_default_dtype(torch.bfloat16)
