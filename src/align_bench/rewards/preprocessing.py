@@ -8,9 +8,10 @@ images in [0, 1]:
                       centred (pad value 0 before normalisation, as HPS's ResizeMaxSize)
   normalize           (x − mean) / std per channel
 
-The only departure from the references is that they quantise to uint8 and resize with PIL; here the decoded float
-images are resized directly (bicubic with antialias, torchvision's tensor path), so scores can differ from a PIL
-pipeline in the third decimal. Shapes: images (B, 3, H, W) → (B, 3, size, size).
+The departure from the references: they quantise the images to uint8 first, and the CLIP processors resize with
+PIL; here the decoded float images are resized directly (bicubic with antialias, torchvision's tensor path — the one
+HPS's transform itself uses, so HPS's preprocessing is reproduced exactly on uint8-valued images), so CLIP-processor
+scores can differ from a PIL pipeline in the third decimal. Shapes: images (B, 3, H, W) → (B, 3, size, size).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(images: torch.Tensor, size: tuple[int, int], clamp: bool) -> torch.Tensor:
+    """Bicubic with antialias (torchvision's tensor resize). `clamp`: cut bicubic's overshoot back to [0, 1], as
+    PIL's uint8 resize does (the CLIP processors); HPS resizes the float tensor and keeps it."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    # bicubic overshoots; clamp back to the valid range as uint8 conversion would
-    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    out = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp(0, 1) if clamp else out
 
 
 def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -39,7 +42,7 @@ def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Shorter side → `size`, then the centred `size`×`size` crop (top/left offset round((H − size)/2))."""
     h, w = shorter_side_size(images.shape[-2], images.shape[-1], size)
-    images = _resize(images, (h, w))
+    images = _resize(images, (h, w), clamp=True)
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return images[..., top:top + size, left:left + size]
 
@@ -52,7 +55,7 @@ def resize_longest_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> to
     height, width = images.shape[-2:]
     scale = size / float(max(height, width))
     h, w = round(height * scale), round(width * scale)
-    images = _resize(images, (h, w))
+    images = _resize(images, (h, w), clamp=False)
     pad_h, pad_w = size - h, size - w
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
 
