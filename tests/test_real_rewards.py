@@ -268,3 +268,25 @@ def test_combo_is_the_weighted_sum_of_its_components():
     with pytest.raises(ValueError, match="needs `weight`"):
         build_reward("combo", components={"brightness": {"scale": 1.0}})
     assert compose(["reward=combo"]).reward.kwargs.components.tiny_pickscore.weight == 0.1
+
+
+@pytest.mark.parametrize("name, algo", [("aesthetic", "alignprop"), ("pickscore", "alignprop"), ("hpsv2", "ddpo"),
+                                        ("imagereward", "ddpo")])
+def test_real_reward_trains_through_the_runner(name, algo, replicas, random_pipeline_dir, tmp_path):
+    """`reward=<name>` with its YAML, the replica's paths as overrides: one short run (AlignProp: the gradient path;
+    DDPO: the batched no-grad path); its scale convention lands in metrics.json."""
+    from align_bench.runner import run
+
+    sizes = {"alignprop": ["algo.sample.batch_size=2", "algo.backprop.strategy=uniform"],
+             "ddpo": ["algo.sample.batch_size=2", "algo.train.batch_size=2"]}[algo]
+    overrides = [f"algo={algo}", f"model.path={random_pipeline_dir}", f"reward={name}",
+                 *(f"reward.kwargs.{k}={v}" for k, v in replicas[name].items()), "prompts=simple_animals",
+                 "prompts.eval_max_prompts=1", "prompts.eval_seeds_per_prompt=1", "steps.train=2", "steps.eval=[1]",
+                 "eval.base=false", "logger=quiet", "logger.save_images=false", "logger.plots=false",
+                 "algo.num_epochs=1", "algo.sample.num_batches_per_epoch=1", *sizes, "device=cpu",
+                 f"run_dir={tmp_path}"]
+    metrics = run(compose(overrides), tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["run"]["optimizer_steps"] >= 1 and metrics["run"]["reward_queries"] >= 2
+    assert written["run"]["reward_convention"].startswith(f"{name}: scale=official")
+    assert math.isfinite(written["eval"]["final"][name]["1"]["mean"])
