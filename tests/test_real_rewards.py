@@ -290,3 +290,20 @@ def test_real_reward_trains_through_the_runner(name, algo, replicas, random_pipe
     assert metrics["run"]["optimizer_steps"] >= 1 and metrics["run"]["reward_queries"] >= 2
     assert written["run"]["reward_convention"].startswith(f"{name}: scale=official")
     assert math.isfinite(written["eval"]["final"][name]["1"]["mean"])
+
+
+def test_clip_features_are_the_projected_embeddings_on_transformers_5(rewards):
+    """transformers 5's get_image_features / get_text_features return an output object whose pooler_output is the
+    projection of the pooled state (4.x returned that tensor); `features` takes it, whichever the version."""
+    from align_bench.rewards.pretrained import features
+
+    clip = rewards["pickscore"].model
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = rewards["pickscore"].tokenizer(["a", "b c"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(features(clip.get_image_features(pixel_values=pixels)),
+                                   clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output))
+        torch.testing.assert_close(features(clip.get_text_features(**ids)),
+                                   clip.text_projection(clip.text_model(**ids).pooler_output))
+    tensor = torch.ones(2, 3)
+    assert features(tensor) is tensor
