@@ -307,3 +307,8 @@ def test_clip_features_are_the_projected_embeddings_on_transformers_5(rewards):
                                    clip.text_projection(clip.text_model(**ids).pooler_output))
     tensor = torch.ones(2, 3)
     assert features(tensor) is tensor
+
+
+@pytest.mark.parametrize("preset", ["alignprop_sd15_hps", "alignprop_sd15_hps_k1"])
+def test_alignprop_hps_presets_score_with_hps_v20_as_the_reference(preset):
+    assert compose([f"experiment={preset}"]).reward.kwargs.version == "v2.0"
