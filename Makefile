@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast tiny-world bench reproduce-tables clean
+.PHONY: install demo lint test test-fast tiny-world bench reproduce-tables gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ reproduce-tables: $(STAMP)  ## the comparison (experiments/specs/$(PRESET).yaml)
 
 bench: $(STAMP)  ## speed and memory measurements (not tests)
 	$(PY) benchmarks/run_all.py
+
+gpu-smoke: $(STAMP)  ## one DDPO update of each real model × reward (needs a GPU + checkpoints; says what it skipped)
+	$(PY) -m pip install -q -e ".[rewards]"
+	$(PY) tests/scripts/gpu_smoke.py
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

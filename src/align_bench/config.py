@@ -33,6 +33,7 @@ class ModelSchema:
     lora: LoraSchema
     gradient_checkpointing: bool
     download_hint: str
+    vae: Optional[str]
 
 
 @dataclass

@@ -323,6 +323,8 @@ def _write_metrics(run_dir: Path, metrics: dict, cfg, t_start: float, ctx: RunCo
         "train_steps": int(cfg.steps.train), "eval_steps": [int(n) for n in cfg.steps.eval],
         "num_processes": ctx.accelerator.num_processes, "device": str(ctx.accelerator.device),
         "commit": _git_commit(), "versions": _versions(),
+        # the training reward's scale (PickScore with or without logit_scale, ImageReward normalised or raw, ...)
+        "reward_convention": getattr(ctx.reward_fn, "convention", cfg.reward.name),
     }
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))

@@ -17,20 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .. import resolve_path
 from ..core import scheduling
 from .conditioning import Conditioning
+from .hub import MissingCheckpointError, resolve_dir  # noqa: F401 - MissingCheckpointError re-exported here
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # sd: SD 1.x/2.x, SD-Turbo, the tiny world (CFG by batch concatenation, DDIM step)
 # lcm: latent consistency models (guidance embedding, LCM step)
-# sdxl: two text encoders, pooled embeddings and time ids (lands with the real-models work)
+# sdxl: SDXL base / SDXL-Turbo: two text encoders (penultimate hidden states concatenated), pooled embeddings and
+#       size/crop time ids in `added_cond_kwargs`; CFG by batch concatenation, DDIM step
 FAMILIES = ("sd", "lcm", "sdxl")
-
-
-class MissingCheckpointError(FileNotFoundError):
-    """A real model's weights are not on disk: the message names what to download and where to put it."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,7 @@ class ModelSpec:
     resolution: int | None  # None: the UNet's sample_size × VAE factor
     dtype: str  # frozen weights' dtype; LoRA parameters are always fp32
     download_hint: str  # printed when `path` is missing
+    vae: str | None  # a VAE to use instead of the pipeline's own (SDXL's fp16-fix VAE): directory or hub id
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelSpec":
@@ -55,23 +53,18 @@ class ModelSpec:
 
 def _check_path(spec: ModelSpec) -> Path:
     """A local pipeline directory: the path itself, or a hub id found in the local HF cache (downloaded first
-    unless HF_HUB_OFFLINE=1). Anything else is a MissingCheckpointError naming what to download — never a fallback."""
-    import os
+    unless HF_HUB_OFFLINE=1). Anything else is a MissingCheckpointError naming the hub id and the download
+    command (models/hub.py) — never a fallback."""
+    return resolve_dir(spec.path, what=f"model {spec.name!r}",
+                       hint=spec.download_hint or f"download the diffusers pipeline for model {spec.name!r}")
 
-    path = resolve_path(spec.path)
-    if path.is_dir():
-        return path
-    hint = spec.download_hint or f"download the diffusers pipeline for model {spec.name!r}"
-    if spec.path.count("/") == 1 and not spec.path.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
 
-        try:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            return Path(snapshot_download(spec.path, local_files_only=offline))
-        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
-            raise MissingCheckpointError(f"model {spec.name!r}: {spec.path} is neither a local directory nor in "
-                                         f"the Hugging Face cache ({type(e).__name__}) — {hint}") from None
-    raise MissingCheckpointError(f"model {spec.name!r}: no checkpoint at {path} — {hint}")
+def _check_family(spec: ModelSpec, unet_config) -> None:
+    found = unet_family(unet_config)
+    if found != spec.family:
+        raise ValueError(f"model {spec.name!r}: model.family={spec.family} but the UNet at {spec.path} is a "
+                         f"{found!r} UNet ({_FAMILY_EVIDENCE[found]}); set model.family={found} or point "
+                         f"model.path at a {spec.family} checkpoint")
 
 
 def unet_family(unet_config) -> str:
@@ -86,7 +79,11 @@ def unet_family(unet_config) -> str:
 class DiffusionModel:
     """A text-to-image latent diffusion model behind one interface for every family."""
 
-    def __init__(self, spec: ModelSpec, unet, vae, text_encoder, tokenizer, scheduler_config: dict, device="cpu"):
+    def __init__(self, spec: ModelSpec, unet, vae, text_encoder, tokenizer, scheduler_config: dict, device="cpu",
+                 text_encoder_2=None, tokenizer_2=None, zero_uncond: bool = False):
+        """`text_encoder_2` / `tokenizer_2`: SDXL's second (projection) text encoder. `zero_uncond`: CFG's
+        unconditional branch is all-zero embeddings rather than the encoded "" (SDXL's
+        `force_zeros_for_empty_prompt`, which the stock pipeline applies)."""
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = DTYPES[spec.dtype]
@@ -94,6 +91,12 @@ class DiffusionModel:
         self.vae = _to(vae, self.device, self.dtype).requires_grad_(False).eval()
         self.text_encoder = _to(text_encoder, self.device, self.dtype).requires_grad_(False).eval()
         self.tokenizer = tokenizer
+        self.text_encoder_2 = (None if text_encoder_2 is None
+                               else _to(text_encoder_2, self.device, self.dtype).requires_grad_(False).eval())
+        self.tokenizer_2 = tokenizer_2
+        self.zero_uncond = zero_uncond
+        if spec.family == "sdxl" and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError(f"model {spec.name!r}: the sdxl family needs text_encoder_2 and tokenizer_2")
         self.scheduler_config = dict(scheduler_config)
         T = int(self.scheduler_config.get("num_train_timesteps", 1000))
         if self.scheduler_config.get("beta_schedule", "scaled_linear") != "scaled_linear":
@@ -105,11 +108,7 @@ class DiffusionModel:
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.family = spec.family
         self.is_lcm = spec.family == "lcm"
-        found = unet_family(unet.config)
-        if found != spec.family:
-            raise ValueError(f"model {spec.name!r}: model.family={spec.family} but the UNet at {spec.path} is a "
-                             f"{found!r} UNet ({_FAMILY_EVIDENCE[found]}); set model.family={found} or point "
-                             f"model.path at a {spec.family} checkpoint")
+        _check_family(spec, unet.config)
         self.vae_scale = float(vae.config.scaling_factor)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._uncond: torch.Tensor | None = None
@@ -117,25 +116,41 @@ class DiffusionModel:
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, spec: ModelSpec, device="cpu") -> "DiffusionModel":
-        """Load every component with `from_pretrained(path)`, the same path for tiny and real models."""
+        """Load every component with `from_pretrained(path)`, the same path for tiny and real models (and for the
+        tiny random replicas of models/testing.py). SDXL adds `text_encoder_2` / `tokenizer_2`; `spec.vae` replaces
+        the pipeline's VAE (SDXL's fp16-fix VAE)."""
+        import json
+
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         if spec.family not in FAMILIES:
             raise ValueError(f"unknown model.family {spec.family!r}; expected one of {list(FAMILIES)}")
-        if spec.family == "sdxl":
-            raise NotImplementedError("model.family=sdxl is not supported yet (two text encoders, pooled embeddings "
-                                      "and time ids)")
         path = _check_path(spec)
         dtype = DTYPES[spec.dtype]
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        _check_family(spec, unet.config)  # before the other components: a wrong family fails on its real cause
+        if spec.vae:
+            vae_dir = resolve_dir(spec.vae, what=f"model {spec.name!r}: VAE (model.vae)",
+                                  hint="or set model.vae=null to use the pipeline's own VAE")
+            vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer")
-        import json
-
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        return cls(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device)
+        extra = {}
+        if spec.family == "sdxl":
+            from transformers import CLIPTextModelWithProjection
+
+            index = json.loads((path / "model_index.json").read_text())
+            extra = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                           dtype=dtype),
+                tokenizer_2=AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer_2"),
+                zero_uncond=bool(index.get("force_zeros_for_empty_prompt", True)),
+            )
+        return cls(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device, **extra)
 
     # -------------------------------------------------------------------------------------------------- shapes
     @property
@@ -195,18 +210,38 @@ class DiffusionModel:
     # ----------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """The UNet's conditioning for B prompts: the text encoder's last hidden state, padded to the tokenizer's
-        max length, prompt_embeds (B, L, D)."""
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return Conditioning(prompt_embeds=self.text_encoder(ids)[0].to(self.dtype))
+        """The UNet's conditioning for B prompts, padded to the tokenizer's max length.
+
+        sd / lcm: the text encoder's last hidden state, prompt_embeds (B, L, D).
+        sdxl: both encoders' penultimate hidden states concatenated, prompt_embeds (B, L, D1 + D2); the second
+        encoder's projected pooled output, pooled_embeds (B, P); time_ids (B, 6) = (H, W, 0, 0, H, W) at the
+        sampling resolution (no crop), as the stock SDXL pipeline builds them."""
+        if self.family != "sdxl":
+            return Conditioning(prompt_embeds=self.text_encoder(self._token_ids(self.tokenizer, prompts))[0]
+                                .to(self.dtype))
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds  # the projection encoder's (the second one's) pooled output
+        size = self.latent_size * self.vae_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=self.dtype, device=self.device)
+        return Conditioning(prompt_embeds=torch.cat(hidden, dim=-1).to(self.dtype), pooled_embeds=pooled.to(self.dtype),
+                            time_ids=time_ids.expand(len(prompts), 6))
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
 
     def uncond(self, batch: int) -> Conditioning:
-        """Conditioning of the empty prompt "" (CFG's unconditional branch), encoded once, broadcast to `batch`."""
+        """CFG's unconditional branch, built once, broadcast to `batch`: the encoded empty prompt "", or all zeros
+        (time ids kept) when the checkpoint asks for it (SDXL's force_zeros_for_empty_prompt)."""
         if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
+            empty = self.encode_prompts([""])
+            if self.zero_uncond:
+                empty = Conditioning(torch.zeros_like(empty.prompt_embeds), torch.zeros_like(empty.pooled_embeds),
+                                     empty.time_ids)
+            self._uncond = empty
         return self._uncond.expand(batch)
 
     def guidance_embedding(self, guidance_scale: float, batch: int) -> torch.Tensor:
@@ -223,6 +258,9 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------------------------------------ UNet call
     def _unet_kwargs(self, cond: Conditioning) -> dict:
+        if self.family == "sdxl":
+            return {"encoder_hidden_states": cond.prompt_embeds,
+                    "added_cond_kwargs": {"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids}}
         return {"encoder_hidden_states": cond.prompt_embeds}
 
     def predict(self, latents, timesteps, cond: Conditioning, guidance_scale: float, unet=None) -> torch.Tensor:
@@ -287,10 +325,11 @@ class DiffusionModel:
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(self.unet)))
 
     def save_lora(self, directory: str | Path) -> None:
-        from diffusers import StableDiffusionPipeline
+        """Write the LoRA as the family's stock pipeline saves it (`pipe.load_lora_weights(directory)` reads it)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(),
-                                                  safe_serialization=True)
+        pipeline = StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+        pipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(), safe_serialization=True)
 
     def load_lora(self, directory: str | Path) -> None:
         """Load LoRA weights written by `save_lora` into the already-attached adapter (resume)."""
