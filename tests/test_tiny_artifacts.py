@@ -92,7 +92,9 @@ def test_tiny_turbo_is_a_stock_few_step_pipeline_sharing_tiny_components():
         "trailing", False, 0, "epsilon")
     assert pipe.unet.config.time_cond_proj_dim is None
     tiny = StableDiffusionPipeline.from_pretrained(str(ROOT / "tiny"))
-    assert pipe.unet.config == tiny.unet.config
+    same = ("_name_or_path",)
+    assert {k: v for k, v in pipe.unet.config.items() if k not in same} == {
+        k: v for k, v in tiny.unet.config.items() if k not in same}
     for a, b in zip(pipe.text_encoder.parameters(), tiny.text_encoder.parameters()):
         assert torch.equal(a, b)
     for steps in (1, 2, 4, 8):
