@@ -140,8 +140,13 @@ def test_finished_runs_are_skipped_partial_ones_relaunched(tmp_path):
     write_run(spec.runs, "tiny_ddpo", 0, "ddpo", {"r": {"1": 1.0}})                    # finished
     write_run(spec.runs, "tiny_ddpo", 1, "ddpo", {"r": {"1": 1.0}}, complete=False)    # killed
     assert study.missing_runs(spec) == {"tiny_ddpo": [1]}
-    cmd = study.multirun_command(spec, "tiny_ddpo", [1])
+    cmd = study.multirun_command(spec, ["tiny_ddpo"], [1])
     assert cmd[2:5] == ["-m", "experiment=tiny_ddpo", "seed=1"] and "hydra/launcher=joblib" in cmd
+    spec.presets = ["tiny_ddpo", "tiny_d3po", "tiny_rebel"]  # d3po and rebel miss both seeds: one sweep for the two
+    cmds = study.launch(spec, dry_run=True)
+    assert [c[3:5] for c in cmds] == [["experiment=tiny_ddpo", "seed=1"],
+                                      ["experiment=tiny_d3po,tiny_rebel", "seed=0,1"]]
+    spec.presets = ["tiny_ddpo"]
     write_run(spec.runs, "tiny_ddpo", 1, "ddpo", {"r": {"1": 1.0}})
     assert study.launch(spec) == []  # a finished study launches nothing
 

@@ -98,13 +98,14 @@ def missing_runs(spec: Spec) -> dict[str, list[int]]:
     return out
 
 
-def multirun_command(spec: Spec, preset: str, seeds: list[int]) -> list[str]:
-    """One Hydra multirun per preset over its missing seeds; the sweep dir puts each job at run_dir()."""
+def multirun_command(spec: Spec, presets: list[str], seeds: list[int]) -> list[str]:
+    """One Hydra multirun over presets × seeds (a sweep is a product, so the study groups presets that miss the
+    same seeds); the sweep dir puts each job at run_dir(spec, preset, seed)."""
     launcher = dict(spec.launcher)
     kind = launcher.pop("kind", "basic")
-    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "-m", f"experiment={preset}",
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "experiment=" + ",".join(presets),
            "seed=" + ",".join(str(s) for s in seeds),
-           f"hydra.sweep.dir={spec.runs / preset}", "hydra.sweep.subdir=seed${seed}"]
+           f"hydra.sweep.dir={spec.runs}", "hydra.sweep.subdir=${experiment}/seed${seed}"]
     if kind != "basic":
         cmd.append(f"hydra/launcher={kind}")
         cmd += [f"hydra.launcher.{k}={v}" for k, v in launcher.items()]
@@ -114,7 +115,10 @@ def multirun_command(spec: Spec, preset: str, seeds: list[int]) -> list[str]:
 def launch(spec: Spec, dry_run: bool = False) -> list[list[str]]:
     """Launch every missing run; returns the commands (none when the study is complete)."""
     todo = missing_runs(spec)
-    cmds = [multirun_command(spec, p, s) for p, s in todo.items()]
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for preset, seeds in todo.items():
+        by_seeds.setdefault(tuple(seeds), []).append(preset)
+    cmds = [multirun_command(spec, presets, list(seeds)) for seeds, presets in by_seeds.items()]
     total = sum(len(s) for s in todo.values())
     log.info("%s: %d of %d runs to do%s", spec.name, total, len(spec.presets) * len(spec.seeds),
              "" if total else " (all finished: nothing launched)")
