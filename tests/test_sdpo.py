@@ -298,3 +298,27 @@ def test_end_to_end_counts_on_the_random_pipeline(random_pipeline_dir, tmp_path)
     assert epoch["reward_queries"] == 24 and epoch["images"] == 8
     assert {"reward_1step_mean", "reward_final_mean", "clipfrac", "adv_clipfrac"} <= set(epoch)
     assert np.isfinite(epoch["loss"]) and "final" in metrics["eval"]
+
+
+# ------------------------------------------------------------------------------------------------ step table
+def test_step_table_means_and_t_intervals_over_seeds(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "step_table.py"
+    spec = importlib.util.spec_from_file_location("step_table", path)
+    step_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_table)
+    mean, half = step_table.ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3 ** 0.5)  # t_{0.975, 2} · s / √n with s = 1
+    paths = {}
+    for seed, (b, f) in enumerate([(4.0, 5.0), (4.0, 6.0), (4.0, 4.0)]):
+        m = {"eval": {"base": {"r": {"1": {"mean": b}}}, "final": {"r": {"1": {"mean": f}}}},
+             "run": {"reward": "r", "model": "m", "reward_queries": 96, "wall_time_s": 10.0}}
+        paths[("p", seed)] = tmp_path / f"{seed}.json"
+        paths[("p", seed)].write_text(json.dumps(m))
+    table = step_table.collect(paths, None)
+    assert table["p"]["gain"]["1"] == [1.0, 2.0, 0.0]
+    md = step_table.markdown(table, SimpleNamespace(extra=[]))
+    assert f"| `p` | +1.00 ± {4.303 / 3 ** 0.5:.2f} |" in md and "| `p` final | m | 96 | 5.00 ± 2.48 |" in md
