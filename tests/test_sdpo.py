@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_RUN, compose
+from conftest import FAST_RUN, compose, tiny_world_missing
 
 from align_bench.algorithms import sdpo
 from align_bench.algorithms.common import Groups, sample_groups
@@ -298,6 +298,27 @@ def test_end_to_end_counts_on_the_random_pipeline(random_pipeline_dir, tmp_path)
     assert epoch["reward_queries"] == 24 and epoch["images"] == 8
     assert {"reward_1step_mean", "reward_final_mean", "clipfrac", "adv_clipfrac"} <= set(epoch)
     assert np.isfinite(epoch["loss"]) and "final" in metrics["eval"]
+
+
+# ------------------------------------------------------------------------------------------------ tiny world
+@pytest.mark.slow
+@pytest.mark.skipif(tiny_world_missing("tiny", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
+def test_tiny_sdpo_raises_the_eval_reward_at_every_step_count_against_an_lr0_control(tmp_path):
+    """The whole tiny_sdpo preset against the same preset at learning rate 0 on the same sample stream (the
+    generator is consumed the same way whatever the weights: identical first-epoch samples). At lr = 0 the LoRA
+    never moves, so the control's final eval is the untrained policy and one epoch of it suffices. Measured at
+    seed 0 on the committed world (24 epochs): 4.05/3.95/4.71/4.47 → 4.68/4.64/4.72/4.87 at 1/2/4/8 steps."""
+    from align_bench.runner import run
+
+    common = ["experiment=tiny_sdpo", "eval.base=false", "logger=quiet", "logger.save_images=false",
+              "logger.plots=false", "device=cpu"]
+    trained = run(compose(common), tmp_path / "trained")
+    control = run(compose([*common, "algo.num_epochs=1", "algo.train.learning_rate=0"]), tmp_path / "control")
+    assert trained["train"][0]["reward_1step_mean"] == pytest.approx(control["train"][0]["reward_1step_mean"],
+                                                                     abs=1e-5)  # same first samples
+    final, still = (m["eval"]["final"]["tiny_aesthetic"] for m in (trained, control))
+    gains = {n: final[n]["mean"] - still[n]["mean"] for n in ("1", "2", "4", "8")}
+    assert all(g > 0 for g in gains.values()), gains
 
 
 # ------------------------------------------------------------------------------------------------ step table
