@@ -2,7 +2,9 @@
 
 Stages (fixed seeds, step budgets, 2 threads by default): render a data pool → tokenizer + tiny CLIP → VAE → UNet
 with the CLIP's text tower fine-tuned jointly (``tiny``) → CLIP refinement (more contrastive steps; the shipped
-CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → quality evaluation → model cards. ``--smoke`` runs every
+CLIP) → aesthetic head → LCM distillation (``tiny-lcm``) → few-step ε-prediction distillation (``tiny-turbo``) →
+quality evaluation → model cards. ``--stages turbo`` (re)builds only ``tiny-turbo`` on top of an existing world,
+measures it and rewrites its card and its section of ``metrics.json``. ``--smoke`` runs every
 stage at a tiny budget in seconds (into a temporary directory unless ``--out`` is given). Progress bars go to
 stderr, a log to ``<out>/build.log``.
 
@@ -12,6 +14,8 @@ Layout written::
     <out>/aesthetic/   AestheticHead (config.json, model.safetensors), README.md
     <out>/tiny/        StableDiffusionPipeline (DDIMScheduler trailing), README.md
     <out>/tiny-lcm/    LatentConsistencyModelPipeline (LCMScheduler), README.md
+    <out>/tiny-turbo/  StableDiffusionPipeline (DDIMScheduler trailing, no CFG): its UNet; vae, text_encoder and
+                       tokenizer are relative symlinks to ../tiny's, README.md
     <out>/metrics.json quality numbers (from ``align_bench.tiny.evaluate``)
 """
 
@@ -37,11 +41,14 @@ log = logging.getLogger("align_bench.tiny")
 # FULL is the committed world's budget (make tiny-world, 2 threads). The VAE bounds shape accuracy, since samples
 # can be no sharper than the decoder: tiny-CLIP tells shapes apart on 97 % of seen-pair renders, on 74 % of their
 # reconstructions after 1,500 VAE steps (small squares came back as discs) and on 90 % after 2,500. The UNet's
-# 3,900 steps are the issue's calibration point.
+# 3,900 steps are the issue's calibration point. tiny-turbo: turbo_couplings teacher ODE solves of turbo_teacher_grid
+# DDIM steps (the teacher's colour accuracy is 100 % at 20 steps, 46 % at 8), then turbo_steps student steps.
 FULL = dict(pool=20000, clip_steps=400, clip_bs=96, clip_refine_steps=600, vae_steps=2500, vae_bs=32,
-            head_pool=10000, head_steps=600, unet_steps=3900, unet_bs=64, lcm_steps=800, lcm_bs=32, eval_n=2)
+            head_pool=10000, head_steps=600, unet_steps=3900, unet_bs=64, lcm_steps=800, lcm_bs=32,
+            turbo_couplings=1024, turbo_teacher_grid=20, turbo_steps=600, turbo_bs=32, eval_n=2)
 SMOKE = dict(pool=256, clip_steps=3, clip_bs=12, clip_refine_steps=2, vae_steps=3, vae_bs=16, head_pool=256,
-             head_steps=3, unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, eval_n=1)
+             head_steps=3, unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, turbo_couplings=16, turbo_teacher_grid=2,
+             turbo_steps=2, turbo_bs=8, eval_n=1)
 
 
 def save_tiny_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
@@ -68,6 +75,31 @@ def save_lcm_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
 
 
+# tiny-turbo ships only its UNet and scheduler; these components are tiny's, reached by relative symlinks (git
+# stores them as links, ``from_pretrained`` follows them), which keeps the committed world under its 40 MB budget.
+TURBO_SHARED = ("vae", "text_encoder", "tokenizer")
+
+
+def save_turbo_pipeline(out: Path, unet, teacher_dir: str = "tiny") -> None:
+    """A stock StableDiffusionPipeline directory: the distilled UNet, a trailing DDIMScheduler, and
+    ``../<teacher_dir>/{vae,text_encoder,tokenizer}`` as symlinks (teacher_dir is a sibling of ``out``)."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    ddim_scheduler().save_pretrained(str(out / "scheduler"))
+    index = json.loads((out.parent / teacher_dir / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    for name in TURBO_SHARED:
+        link = out / name
+        if link.is_symlink() or link.exists():
+            if link.is_dir() and not link.is_symlink():
+                shutil.rmtree(link)
+            else:
+                link.unlink()
+        os.symlink(os.path.join("..", teacher_dir, name), link, target_is_directory=True)
+
+
 def _setup_logging(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log.setLevel(logging.INFO)
@@ -84,10 +116,13 @@ def _setup_logging(out: Path) -> None:
 def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str = "all", resume: bool = False,
           checkpoint_every: int = 0,
           command: str = "python -m align_bench.tiny.build --out assets/tiny-world") -> dict:
-    """Run every stage; returns the timings (seconds) per stage. ``stages``: "all" or "base" (no LCM).
-    ``resume``: reuse the clip / VAE / aesthetic / tiny artifacts already in ``out`` (same seeds ⇒ same result)."""
+    """Run every stage; returns the timings (seconds) per stage. ``stages``: "all", "base" (no LCM, no turbo) or
+    "turbo" (only tiny-turbo, on the world already in ``out``). ``resume``: reuse the clip / VAE / aesthetic / tiny
+    artifacts (and turbo's teacher couplings) already in ``out`` (same seeds ⇒ same result)."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormals make CPU convolutions crawl
+    if stages == "turbo":
+        return build_turbo_only(out, budget, seed, command)
     _setup_logging(out)
     log.info("build into %s with budget %s seed %d threads %d", out, budget, seed, threads)
     times: dict[str, float] = {}
@@ -167,6 +202,8 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
                                 budget["lcm_steps"], budget["lcm_bs"], seed=seed + 5)
         save_lcm_pipeline(out / "tiny-lcm", vae, text_encoder, tokenizer, lcm)
         lap("lcm")
+        turbo_stage(out, unet, text_encoder, tokenizer, captions, budget, seed, resume)
+        lap("turbo")
     shutil.rmtree(vae_dir, ignore_errors=True)
     shutil.rmtree(clip1_dir, ignore_errors=True)
 
@@ -181,6 +218,84 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
     evaluate.write_model_cards(out, metrics, budget, command)
     log.info("build finished: %s", json.dumps(times))
     return times
+
+
+def turbo_stage(out: Path, teacher, text_encoder, tokenizer, captions: list[str], budget: dict, seed: int,
+                resume: bool) -> None:
+    """Distil ``tiny`` (``teacher``) into ``<out>/tiny-turbo``. Resumable: the teacher couplings (the costly half)
+    are cached in ``<out>/_stage_turbo_couplings.pt`` until the stage finishes."""
+    cache = out / "_stage_turbo_couplings.pt"
+    key = {k: budget[k] for k in ("turbo_couplings", "turbo_teacher_grid")} | {"seed": seed + 8}
+    couplings = None
+    if resume and cache.is_file():
+        stored = torch.load(cache)
+        if stored["key"] == key:
+            couplings = stored["couplings"]
+            log.info("resume: loaded %d teacher couplings from %s", len(couplings[0]), cache)
+    if couplings is None:
+        couplings = train.teacher_couplings(teacher, text_encoder, tokenizer, captions, budget["turbo_couplings"],
+                                            guidance=TURBO_TEACHER_GUIDANCE, steps=budget["turbo_teacher_grid"],
+                                            bs=64, seed=seed + 8)
+        torch.save({"key": key, "couplings": couplings}, cache)
+        log.info("turbo: %d teacher couplings (%d DDIM steps, CFG %.1f) cached in %s", len(couplings[0]),
+                 budget["turbo_teacher_grid"], TURBO_TEACHER_GUIDANCE, cache)
+    student = train.distill_turbo(teacher, text_encoder, tokenizer, captions, budget["turbo_steps"],
+                                  bs=budget["turbo_bs"], seed=seed + 8, couplings=couplings)
+    save_turbo_pipeline(out / "tiny-turbo", student)
+    cache.unlink(missing_ok=True)
+
+
+# The CFG scale baked into tiny-turbo: tiny's evaluation scale (where its card's 20-step numbers are measured).
+TURBO_TEACHER_GUIDANCE = 7.5
+
+
+def build_turbo_only(out: Path, budget: dict, seed: int, command: str) -> dict:
+    """``--stages turbo``: distil tiny-turbo from the ``tiny`` already in ``out``, measure it, merge its numbers into
+    ``metrics.json`` / ``build_times.json`` and write its card. The other artifacts are left untouched."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from . import evaluate
+
+    if not (out / "tiny" / "model_index.json").is_file():
+        raise SystemExit(f"--stages turbo needs the tiny world in {out} (tiny/ missing): build it first")
+    _setup_logging_append(out)
+    log.info("turbo stage into %s with budget %s seed %d", out, budget, seed)
+    t0 = time.time()
+    _, captions, _ = train.make_pool(budget["pool"], seed)  # the same captions the teacher was trained on
+    teacher = UNet2DConditionModel.from_pretrained(str(out / "tiny"), subfolder="unet").eval()
+    text_encoder = CLIPTextModel.from_pretrained(str(out / "tiny"), subfolder="text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tiny"), subfolder="tokenizer")
+    turbo_stage(out, teacher, text_encoder, tokenizer, captions, budget, seed, resume=True)
+    times = {"turbo": round(time.time() - t0, 1)}
+    log.info("stage turbo done in %.1f s", times["turbo"])
+    t0 = time.time()
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    metrics["tiny_turbo"] = evaluate.evaluate_turbo(out, budget["eval_n"], quick=budget["eval_n"] <= 1)
+    metrics.setdefault("build_seconds", {}).update(times)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    times["evaluate_turbo"] = round(time.time() - t0, 1)
+    bt_path = out / "build_times.json"
+    bt = json.loads(bt_path.read_text()) if bt_path.is_file() else {"budget": {}, "seconds": {}}
+    bt["budget"].update({k: v for k, v in budget.items() if k.startswith("turbo_")})
+    bt["seconds"].update(times)
+    bt_path.write_text(json.dumps(bt, indent=2))
+    evaluate.write_model_cards(out, metrics, bt["budget"] | {"eval_n": budget["eval_n"]}, command,
+                               only=("tiny-turbo",))
+    log.info("turbo stage finished: %s", json.dumps(times))
+    return times
+
+
+def _setup_logging_append(out: Path) -> None:
+    """As ``_setup_logging`` but appending to build.log (a turbo-only run keeps the full build's log)."""
+    _setup_logging(out)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(out / "build.log", mode="a")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
 
 
 def _load_clip_stage(path: Path):
@@ -208,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny budget, seconds: exercises every code path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 when other jobs share the cores)")
-    ap.add_argument("--stages", choices=["all", "base"], default="all")
+    ap.add_argument("--stages", choices=["all", "base", "turbo"], default="all",
+                    help="all; base (no LCM, no turbo); turbo (only tiny-turbo, on the world in --out)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (quick experiments)")
     ap.add_argument("--resume", action="store_true", help="reuse finished stages found in --out")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="save the tiny pipeline every N UNet steps")

@@ -9,6 +9,7 @@ Measures, with the stock diffusers pipelines loaded offline from ``--root``:
     pairs) and ``tiny_eval`` (held-out pairs), n samples per prompt: pixel colour accuracy and tiny-CLIP zero-shot
     shape accuracy (``tiny_colour_accuracy`` / ``tiny_shape_accuracy`` rewards).
   * ``tiny-lcm`` (LCMScheduler) at 1/2/4/8 steps, same prompts and metrics.
+  * ``tiny-turbo`` (DDIM, trailing, no CFG) at 1/2/4/8 steps η = 0, and as SDPO samples (η = 1) at 8/20/50 steps.
   * headroom: mean ``tiny_aesthetic`` / analytic aesthetic of base samples vs rendered scenes (mean, top 5 %).
   * timings: ms per UNet forward on 64 latents, seconds to sample 64 images at 8 steps with CFG.
 """
@@ -30,6 +31,9 @@ TINY_GUIDANCE = 7.5
 LCM_GUIDANCE = 7.5  # the LCM pipeline embeds w = guidance_scale − 1 (trained on w ∈ [1, 8])
 TINY_STEPS = (20, 8, 4, 2, 1)
 LCM_STEPS = (1, 2, 4, 8)
+TURBO_GUIDANCE = 1.0  # guidance is baked into tiny-turbo's UNet: no CFG at sampling (as SD-Turbo)
+TURBO_STEPS = (1, 2, 4, 8)
+TURBO_ETA1_STEPS = (8, 20, 50)  # SDPO's training sampler: stochastic DDIM, η = 1
 
 
 @torch.no_grad()
@@ -67,13 +71,16 @@ def _rewards(root: Path) -> dict:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0, bs: int = 96) -> torch.Tensor:
-    """Stock-pipeline samples → (N, 3, 32, 32) float in [0, 1]."""
+def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0, bs: int = 96,
+           eta: float = 0.0) -> torch.Tensor:
+    """Stock-pipeline samples → (N, 3, 32, 32) float in [0, 1]. ``eta``: DDIM's η (only passed when non-zero, so
+    pipelines without the argument work)."""
     out = []
+    extra = {"eta": eta} if eta else {}
     for i in range(0, len(prompts), bs):
         g = torch.Generator().manual_seed(seed + i)
         out.append(pipe(prompts[i:i + bs], num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                        output_type="pt").images)
+                        output_type="pt", **extra).images)
     return torch.cat(out).float().clamp(0, 1)
 
 
@@ -83,7 +90,7 @@ def _score(rewards: dict, images: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def evaluate_pipeline(root: Path, name: str, steps_list, guidance: float, n_per_prompt: int, rewards: dict,
-                      keep: dict | None = None, max_prompts: int | None = None) -> dict:
+                      keep: dict | None = None, max_prompts: int | None = None, eta1_steps=()) -> dict:
     from diffusers import DiffusionPipeline
 
     from ..prompts import load_prompts
@@ -99,6 +106,8 @@ def evaluate_pipeline(root: Path, name: str, steps_list, guidance: float, n_per_
             res[f"{split}_{s}steps"] = _score(rewards, imgs, prompts)
             if keep is not None and split == "seen" and s == steps_list[0]:
                 keep["images"], keep["prompts"] = imgs, prompts
+        for s in eta1_steps:  # keys ``{split}_{s}steps_eta1``
+            res[f"{split}_{s}steps_eta1"] = _score(rewards, sample(pipe, prompts, s, guidance, eta=1.0), prompts)
     return res
 
 
@@ -149,6 +158,15 @@ def timings(root: Path, repeats: int = 5, n_images: int = 64) -> dict:
             "text_encoder_params": sum(p.numel() for p in pipe.text_encoder.parameters())}
 
 
+def evaluate_turbo(root: Path, n_per_prompt: int, rewards: dict | None = None, quick: bool = False) -> dict:
+    """``tiny-turbo``'s section of metrics.json: η = 0 at ``TURBO_STEPS``, η = 1 at ``TURBO_ETA1_STEPS``."""
+    rewards = _rewards(root) if rewards is None else rewards
+    if quick:
+        return evaluate_pipeline(root, "tiny-turbo", (1,), TURBO_GUIDANCE, n_per_prompt, rewards, None, 4, (2,))
+    return evaluate_pipeline(root, "tiny-turbo", TURBO_STEPS, TURBO_GUIDANCE, n_per_prompt, rewards,
+                             eta1_steps=TURBO_ETA1_STEPS)
+
+
 def evaluate_all(root: str | Path, n_per_prompt: int = 4, lcm: bool = True, quick: bool = False) -> dict:
     """Every measurement above → nested dict. ``quick``: one step count each, small samples (smoke builds)."""
     root = Path(root)
@@ -161,6 +179,8 @@ def evaluate_all(root: str | Path, n_per_prompt: int = 4, lcm: bool = True, quic
     m["headroom"] = headroom(rewards, keep["images"], n=64 if quick else 2000)
     if lcm and (root / "tiny-lcm").is_dir():
         m["tiny_lcm"] = evaluate_pipeline(root, "tiny-lcm", lcm_steps, LCM_GUIDANCE, n_per_prompt, rewards, None, mp)
+    if (root / "tiny-turbo").is_dir():
+        m["tiny_turbo"] = evaluate_turbo(root, n_per_prompt, rewards, quick)
     m["timings"] = timings(root, repeats=1, n_images=8) if quick else timings(root)
     head_cfg = root / "aesthetic" / "config.json"
     if head_cfg.is_file():
@@ -172,11 +192,11 @@ def evaluate_all(root: str | Path, n_per_prompt: int = 4, lcm: bool = True, quic
 # Model cards
 # ---------------------------------------------------------------------------------------------------------------
 
-def _table(res: dict, steps_list) -> str:
+def _table(res: dict, steps_list, suffix: str = "") -> str:
     rows = ["| steps | seen colour acc | held-out colour acc | seen shape acc | held-out shape acc |",
             "|---|---|---|---|---|"]
     for s in steps_list:
-        a, b = res.get(f"seen_{s}steps"), res.get(f"heldout_{s}steps")
+        a, b = res.get(f"seen_{s}steps{suffix}"), res.get(f"heldout_{s}steps{suffix}")
         if a and b:
             rows.append(f"| {s} | {a['colour_acc']:.1%} | {b['colour_acc']:.1%} | {a['shape_acc']:.1%} | "
                         f"{b['shape_acc']:.1%} |")
@@ -193,6 +213,11 @@ QUALITY_BARS = (
     ("tiny-lcm, 2 steps, colour accuracy, held-out pairs", "tiny_lcm", "heldout_2steps", "colour_acc", 0.75),
     ("tiny-lcm, 4 steps, colour accuracy, seen pairs", "tiny_lcm", "seen_4steps", "colour_acc", 0.75),
     ("tiny-lcm, 4 steps, colour accuracy, held-out pairs", "tiny_lcm", "heldout_4steps", "colour_acc", 0.75),
+    ("tiny-turbo, 1 DDIM step, colour accuracy, seen pairs", "tiny_turbo", "seen_1steps", "colour_acc", 0.80),
+    ("tiny-turbo, 2 DDIM steps, colour accuracy, seen pairs", "tiny_turbo", "seen_2steps", "colour_acc", 0.90),
+    ("tiny-turbo, 4 DDIM steps, colour accuracy, seen pairs", "tiny_turbo", "seen_4steps", "colour_acc", 0.90),
+    ("tiny-turbo, 8 DDIM steps, colour accuracy, seen pairs", "tiny_turbo", "seen_8steps", "colour_acc", 0.90),
+    ("tiny-turbo, 1 DDIM step, colour accuracy, held-out pairs", "tiny_turbo", "heldout_1steps", "colour_acc", 0.70),
     ("tiny-CLIP on rendered ground truth, shape accuracy", "clip_ground_truth", None, "shape_acc_zero_shot_168", 0.90),
     ("tiny-CLIP on rendered ground truth, colour accuracy", "clip_ground_truth", None, "colour_acc_zero_shot_168",
      0.95),
@@ -213,10 +238,11 @@ def quality_bars(m: dict, section: str | None = None) -> list[tuple[str, float, 
 def _bars_md(m: dict, section: str) -> str:
     rows = [f"- {'met' if ok else '**NOT met**'}: {label} {v:.1%} (bar {bar:.0%})"
             for label, v, bar, ok in quality_bars(m, section)]
-    return "## Quality bars (align_bench issue 3)\n" + "\n".join(rows) if rows else ""
+    return "## Quality bars (align_bench issues 3 and 12)\n" + "\n".join(rows) if rows else ""
 
 
-def write_model_cards(root: str | Path, m: dict, budget: dict, command: str) -> None:
+def write_model_cards(root: str | Path, m: dict, budget: dict, command: str, only=None) -> None:
+    """README.md of every artifact directory in ``root`` (``only``: just these names)."""
     root = Path(root)
     eval_cmd = f"python -m align_bench.tiny.evaluate --root {root} --n {budget.get('eval_n', 4)}"
     t = m.get("timings", {})
@@ -302,9 +328,51 @@ target is what ships. Same VAE / text encoder / tokenizer as `tiny`.
 
 {common}""",
     }
+    cards["tiny-turbo"] = _turbo_card(m, common)
     for name, text in cards.items():
-        if (root / name).is_dir():
+        if (root / name).is_dir() and (only is None or name in only):
             (root / name / "README.md").write_text(text)
+
+
+def _turbo_card(m: dict, common: str) -> str:
+    r = m.get("tiny_turbo", {})
+    b = m.get("build_seconds", {})
+    return f"""# tiny-turbo (align_bench tiny world)
+
+The tiny world's SD-Turbo: a stock `diffusers.StableDiffusionPipeline` directory whose plain ε-prediction
+`UNet2DConditionModel` (same architecture as `tiny`'s, no guidance input) samples in 1–8 DDIM steps without
+classifier-free guidance (`guidance_scale` 1: the teacher's CFG is baked in). `DDIMScheduler` trailing
+(999, 499, … for few steps), no offset, set_alpha_to_one False, as `tiny`. `vae/`, `text_encoder/` and
+`tokenizer/` are relative symlinks to `../tiny/`'s (the text encoder is not trained here), so only the UNet
+(fp32) is stored: the committed world stays within its 40 MB budget without rounding the weights.
+
+## How it is made (`align_bench.tiny.train.distill_turbo`)
+1. Teacher couplings: the CFG teacher (`tiny`, guidance 7.5) solves its probability-flow ODE with DDIM (η = 0,
+   trailing) from seeded noises x_T for captions drawn from `tiny`'s own training captions (seen colour pairs
+   only: held-out pairs are never shown) → pairs (x_T, x0).
+2. Reflow in DDIM form (Liu et al. 2023, "Flow Straight and Fast"; guidance distilled into one model as in
+   Meng et al. 2023, "On Distillation of Guided Diffusion Models"): with the coupled noise
+   ε* = (x_T − √ᾱ₉₉₉·x0) / √(1 − ᾱ₉₉₉), the student (initialised from the teacher) regresses ε* at
+   x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε*. A UNet that predicts ε* there has x̂0 = x0 at every t, and a DDIM step from
+   any point of that line lands on the line: 1, 2, 4 and 8 steps return the same sample. Timesteps: t = 999 a
+   quarter of the time, the 8-step trailing grid (which contains the 1/2/4-step grids) a quarter, uniform
+   otherwise; truncated-SNR weighting max(‖x̂0 − x0‖², ‖ε̂ − ε*‖²) (Salimans & Ho 2022); AdamW, EMA weights.
+
+## Metrics (DDIM η = 0 trailing, guidance {r.get('guidance_scale')}, n = {r.get('n_per_split')} per split)
+Colour accuracy = pixel check (shape colour and background colour both right); shape accuracy = tiny-CLIP zero-shot
+given the colours (as on `tiny`'s card, where the teacher at 20 steps with CFG 7.5 is the reference).
+
+{_table(r, TURBO_STEPS)}
+
+As SDPO samples during training (stochastic DDIM, η = 1, no CFG):
+
+{_table(r, TURBO_ETA1_STEPS, "_eta1")}
+
+{_bars_md(m, 'tiny_turbo')}
+
+Stage seconds: {b.get('turbo')} (couplings + distillation).
+
+{common}"""
 
 
 def main(argv=None) -> None:

@@ -384,3 +384,125 @@ def distill_lcm(teacher, text_encoder, latent_mean, latent_std, captions, tokeni
         if step % 100 == 0 or step == steps - 1:
             log.info("lcm step %d loss %.5f", step, loss.item())
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Few-step ε-prediction distillation (tiny-turbo): guided teacher couplings, then reflow in DDIM parameterisation
+# ---------------------------------------------------------------------------------------------------------------
+
+def trailing_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DDIMScheduler's trailing grid for n steps, e.g. n = 4 → [999, 749, 499, 249] (long, descending)."""
+    return torch.from_numpy(np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / n)).astype(np.int64) - 1)
+
+
+@torch.no_grad()
+def teacher_couplings(teacher, text_encoder, tokenizer, captions: list[str], n: int, guidance: float = 7.5,
+                      steps: int = 20, bs: int = 128, seed: int = 0, desc: str = "turbo teacher"):
+    """Solve the CFG teacher's probability-flow ODE (DDIM η = 0, trailing, ``steps`` steps) from n noises.
+
+    Captions are drawn uniformly from ``captions`` (with repetition). Returns (x_T (n,4,8,8), x0 (n,4,8,8) the last
+    x̂0 of the solve, the drawn captions). x0 is in the UNet's scaled latent space."""
+    teacher = teacher.eval()
+    text_encoder = text_encoder.eval()
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(captions), (n,), generator=gen).tolist()
+    drawn = [captions[i] for i in pick]
+    uniq = sorted(set(drawn))
+    emb_all = text_encoder(tokenize(tokenizer, uniq))[0]
+    emb_empty = text_encoder(tokenize(tokenizer, [""]))[0]
+    cap_id = torch.tensor([uniq.index(c) for c in drawn])
+    acp = _alphas_cumprod()
+    grid = trailing_timesteps(steps).tolist()
+    x_T = torch.randn((n, 4, 8, 8), generator=gen)
+    x0_all = torch.empty_like(x_T)
+    for i in tqdm(range(0, n, bs), desc=desc, mininterval=2.0):
+        x = x_T[i:i + bs].clone()
+        b = len(x)
+        emb = torch.cat([emb_all[cap_id[i:i + b]], emb_empty.expand(b, -1, -1)])
+        for j, t in enumerate(grid):
+            eps_c, eps_u = teacher(torch.cat([x, x]), torch.full((2 * b,), t), emb).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+            a = acp[t]
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            a_next = acp[grid[j + 1]] if j + 1 < len(grid) else acp[0]
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        x0_all[i:i + b] = x0
+    return x_T, x0_all, drawn
+
+
+def reflow_eps_loss(eps_pred: torch.Tensor, x_T: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Distillation loss of one batch. eps_pred, x_T, x0: (B,4,8,8); t: (B,) long → scalar.
+
+    The coupled noise ε* = (x_T − √ᾱ_999·x0) / √(1 − ᾱ_999) puts x_T and x0 on one DDIM line x_t = √ᾱ_t·x0 +
+    √(1 − ᾱ_t)·ε*: a student whose ε̂ is ε* on that line has x̂0 = x0 at every t, so DDIM (η = 0) from x_T returns
+    x0 at any number of steps (each step lands on the same line). Weighting: truncated SNR (Salimans & Ho 2022),
+    max(‖x̂0 − x0‖², ‖ε̂ − ε*‖²) = max(1, (1 − ᾱ_t)/ᾱ_t)·‖ε̂ − ε*‖², so high-noise steps are fit in image space."""
+    a_T = alphas_cumprod[-1]
+    eps_star = (x_T - a_T.sqrt() * x0) / (1 - a_T).sqrt()
+    a = alphas_cumprod[t][:, None, None, None]
+    weight = torch.clamp((1 - a) / a, min=1.0)
+    return (weight * (eps_pred - eps_star) ** 2).mean()
+
+
+def reflow_inputs(x_T: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The point of the coupling's DDIM line at t: (B,4,8,8), x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε* (x_T at t = 999)."""
+    a_T = alphas_cumprod[-1]
+    eps_star = (x_T - a_T.sqrt() * x0) / (1 - a_T).sqrt()
+    a = alphas_cumprod[t][:, None, None, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps_star
+
+
+def sample_distill_timesteps(bs: int, gen: torch.Generator, p_first: float = 0.25, p_grid: float = 0.25):
+    """(bs,) training timesteps: t = 999 (the 1-step case) with probability p_first, an entry of the 8-step
+    trailing grid (which contains the 1/2/4-step grids) with p_grid, else uniform over [0, 999] (η = 1 samplers
+    and other grids visit every t)."""
+    u = torch.rand(bs, generator=gen)
+    grid = trailing_timesteps(8)
+    t = torch.randint(0, 1000, (bs,), generator=gen)
+    t = torch.where(u < p_grid + p_first, grid[torch.randint(0, len(grid), (bs,), generator=gen)], t)
+    return torch.where(u < p_first, torch.full_like(t, 999), t)
+
+
+def distill_turbo(teacher, text_encoder, tokenizer, captions: list[str], steps: int, bs: int = 64,
+                  n_couplings: int = 4096, teacher_steps: int = 20, guidance: float = 7.5, lr: float = 1e-4,
+                  ema_decay: float = 0.99, seed: int = 0, couplings=None):
+    """tiny-turbo: a plain ε-prediction UNet (no guidance input) for 1–8 DDIM steps without CFG.
+
+    Guidance is baked in by distilling the CFG teacher (Meng et al. 2023, "On Distillation of Guided Diffusion
+    Models", stage one), few steps come from reflow (Liu et al. 2023, "Flow Straight and Fast") in the DDIM (VP,
+    ε) parameterisation: ``teacher_couplings`` pairs noises with the teacher's ODE solutions, and the student
+    (initialised from the teacher) regresses the coupled noise on the straight DDIM line between them
+    (``reflow_eps_loss``). The text encoder stays the teacher's (frozen). ``couplings``: a precomputed
+    (x_T, x0, captions) triple (the build caches it). Returns the EMA student."""
+    torch.manual_seed(seed)
+    if couplings is None:
+        couplings = teacher_couplings(teacher, text_encoder, tokenizer, captions, n_couplings, guidance,
+                                      teacher_steps, seed=seed)
+    x_T, x0, drawn = couplings
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    text_encoder = text_encoder.eval().requires_grad_(False)
+    uniq = sorted(set(drawn))
+    cap_id = torch.tensor([uniq.index(c) for c in drawn])
+    with torch.no_grad():
+        emb_all = text_encoder(tokenize(tokenizer, uniq))[0]
+    acp = _alphas_cumprod()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA(student, ema_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in (bar := _bar(steps, "turbo")):
+        _set_lr(opt, _lr(step, steps, 1.0, warmup=50), [lr])
+        idx = _batch(gen, len(x_T), bs)
+        t = sample_distill_timesteps(bs, gen)
+        x_t = reflow_inputs(x_T[idx], x0[idx], t, acp)
+        loss = reflow_eps_loss(student(x_t, t, emb_all[cap_id[idx]]).sample, x_T[idx], x0[idx], t, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema.update(student)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0 or step == steps - 1:
+            log.info("turbo step %d loss %.5f", step, loss.item())
+    return ema.shadow
