@@ -26,7 +26,7 @@ test: $(STAMP)  ## the whole test suite (< 15 minutes on 2 CPU cores)
 test-fast: $(STAMP)  ## everything but the end-to-end training runs
 	$(PY) -m pytest -q -m "not slow"
 
-tiny-world: $(STAMP)  ## rebuild the embedded tiny world from scratch (fixed seeds, ≤ 60 min on 2 CPU cores)
+tiny-world: $(STAMP)  ## rebuild the embedded tiny world from scratch (fixed seeds, ≤ 75 min on 2 CPU cores; tiny-turbo included)
 	$(PY) -m align_bench.tiny.build --out assets/tiny-world
 
 bench: $(STAMP)  ## speed and memory measurements (not tests)

@@ -45,7 +45,7 @@ log = logging.getLogger("align_bench.tiny")
 # DDIM steps (the teacher's colour accuracy is 100 % at 20 steps, 46 % at 8), then turbo_steps student steps.
 FULL = dict(pool=20000, clip_steps=400, clip_bs=96, clip_refine_steps=600, vae_steps=2500, vae_bs=32,
             head_pool=10000, head_steps=600, unet_steps=3900, unet_bs=64, lcm_steps=800, lcm_bs=32,
-            turbo_couplings=1024, turbo_teacher_grid=20, turbo_steps=600, turbo_bs=32, eval_n=2)
+            turbo_couplings=1024, turbo_teacher_grid=20, turbo_steps=1200, turbo_bs=32, eval_n=2)
 SMOKE = dict(pool=256, clip_steps=3, clip_bs=12, clip_refine_steps=2, vae_steps=3, vae_bs=16, head_pool=256,
              head_steps=3, unet_steps=3, unet_bs=16, lcm_steps=2, lcm_bs=8, turbo_couplings=16, turbo_teacher_grid=2,
              turbo_steps=2, turbo_bs=8, eval_n=1)
@@ -100,12 +100,12 @@ def save_turbo_pipeline(out: Path, unet, teacher_dir: str = "tiny") -> None:
         os.symlink(os.path.join("..", teacher_dir, name), link, target_is_directory=True)
 
 
-def _setup_logging(out: Path) -> None:
+def _setup_logging(out: Path, mode: str = "w") -> None:
     out.mkdir(parents=True, exist_ok=True)
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
-    fh = logging.FileHandler(out / "build.log", mode="w")
+    fh = logging.FileHandler(out / "build.log", mode=mode)
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
@@ -259,7 +259,7 @@ def build_turbo_only(out: Path, budget: dict, seed: int, command: str) -> dict:
 
     if not (out / "tiny" / "model_index.json").is_file():
         raise SystemExit(f"--stages turbo needs the tiny world in {out} (tiny/ missing): build it first")
-    _setup_logging_append(out)
+    _setup_logging(out, mode="a")  # a turbo-only run keeps the full build's log
     log.info("turbo stage into %s with budget %s seed %d", out, budget, seed)
     t0 = time.time()
     _, captions, _ = train.make_pool(budget["pool"], seed)  # the same captions the teacher was trained on
@@ -284,18 +284,6 @@ def build_turbo_only(out: Path, budget: dict, seed: int, command: str) -> dict:
                                only=("tiny-turbo",))
     log.info("turbo stage finished: %s", json.dumps(times))
     return times
-
-
-def _setup_logging_append(out: Path) -> None:
-    """As ``_setup_logging`` but appending to build.log (a turbo-only run keeps the full build's log)."""
-    _setup_logging(out)
-    for h in log.handlers:
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-    fh = logging.FileHandler(out / "build.log", mode="a")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(fh)
 
 
 def _load_clip_stage(path: Path):
