@@ -320,7 +320,8 @@ def test_end_to_end_counts_on_the_random_pipeline(random_pipeline_dir, tmp_path)
 
 # ------------------------------------------------------------------------------------------------ tiny world
 @pytest.mark.slow
-@pytest.mark.skipif(tiny_world_missing("tiny", "clip", "aesthetic"), reason="tiny world not built (make tiny-world)")
+@pytest.mark.skipif(tiny_world_missing("tiny-turbo", "clip", "aesthetic"),
+                    reason="tiny world not built (make tiny-world)")
 def test_tiny_sdpo_raises_the_eval_reward_at_every_step_count_against_an_lr0_control(tmp_path):
     """The whole tiny_sdpo preset against the same preset at learning rate 0 on the same sample stream (the
     generator is consumed the same way whatever the weights: identical first-epoch samples). At lr = 0 the LoRA
