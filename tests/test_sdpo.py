@@ -338,27 +338,3 @@ def test_tiny_sdpo_raises_the_eval_reward_at_every_step_count_against_an_lr0_con
     final, still = (m["eval"]["final"]["tiny_aesthetic"] for m in (trained, control))
     gains = {n: final[n]["mean"] - still[n]["mean"] for n in ("1", "2", "4", "8")}
     assert all(g > 0 for g in gains.values()), gains
-
-
-# ------------------------------------------------------------------------------------------------ step table
-def test_step_table_means_and_t_intervals_over_seeds(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "step_table.py"
-    spec = importlib.util.spec_from_file_location("step_table", path)
-    step_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_table)
-    mean, half = step_table.ci95([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 / 3 ** 0.5)  # t_{0.975, 2} · s / √n with s = 1
-    paths = {}
-    for seed, (b, f) in enumerate([(4.0, 5.0), (4.0, 6.0), (4.0, 4.0)]):
-        m = {"eval": {"base": {"r": {"1": {"mean": b}}}, "final": {"r": {"1": {"mean": f}}}},
-             "run": {"reward": "r", "model": "m", "reward_queries": 96, "wall_time_s": 10.0}}
-        paths[("p", seed)] = tmp_path / f"{seed}.json"
-        paths[("p", seed)].write_text(json.dumps(m))
-    table = step_table.collect(paths, None)
-    assert table["p"]["gain"]["1"] == [1.0, 2.0, 0.0]
-    md = step_table.markdown(table, SimpleNamespace(extra=[]))
-    assert f"| `p` | +1.00 ± {4.303 / 3 ** 0.5:.2f} |" in md and "| `p` final | m | 96 | 5.00 ± 2.48 |" in md
