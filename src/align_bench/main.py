@@ -56,8 +56,26 @@ def main(cfg: DictConfig) -> float:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not _lost_peer(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: lost contact with another process ({_first_line(e)}): it died or hangs; after "
+              f"dist_timeout_s={cfg.dist_timeout_s} s this one gives up. Rerun the same command: resume=auto continues "
+              f"from the newest checkpoint", file=sys.stderr)
+        sys.exit(3)
     final = metrics["eval"]["final"][cfg.reward.name]
     return float(final[str(max(int(n) for n in cfg.steps.eval))]["mean"])  # objective for sweepers
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective that failed because another process died or stopped answering (gloo / NCCL wording)."""
+    text = str(e).lower()
+    return type(e).__name__ == "DistBackendError" or any(w in text for w in (
+        "timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe", "gloo"))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def cli() -> None:

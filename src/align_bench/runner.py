@@ -287,10 +287,10 @@ def run(cfg: DictConfig, run_dir: str | Path, *, checked: bool = False) -> dict:
     previous_handlers = _install_stop_handlers(ctx)
     try:
         _train(ctx, algo, state, metrics, run_eval, start_epoch, num_epochs, keep, t_start)
+        # A signal from here on changes nothing: training is done and checkpointed; the run finishes its eval.
+        metrics["eval"]["final"] = run_eval("final")
     finally:
         _restore_handlers(previous_handlers)
-
-    metrics["eval"]["final"] = run_eval("final")
     ctx.counters["lora_in_sync"] = _lora_in_sync(ctx)
     if main:
         _save_final_lora(model, run_dir / "lora")
@@ -331,9 +331,9 @@ def _train(ctx: RunContext, algo, state: dict, metrics: dict, run_eval, start_ep
             summary = algo.train_epoch(ctx, state, epoch)
         except StopRequested:
             _stop(ctx, snapshot, keep)
-        faulty = ctx._agree(ctx._epoch_faulty or ctx.faults["skipped_optimizer_steps"] >
-                            faults_before["skipped_optimizer_steps"])[0]
-        if ctx._epoch_faulty:  # the epoch's statistics saw the non-finite values: forget them
+        sampled_faulty, faulty = ctx._agree(ctx._epoch_faulty, ctx._epoch_faulty or ctx.faults[
+            "skipped_optimizer_steps"] > faults_before["skipped_optimizer_steps"])
+        if sampled_faulty:  # the epoch's statistics (fed gathered values) saw the non-finite values: forget them
             for k, v in snapshot["shared"]["algo_state"].items():
                 state[k].load_state_dict(copy.deepcopy(v))
         ctx._epoch_faulty = False
