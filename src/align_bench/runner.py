@@ -526,6 +526,6 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    return {"align_bench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+    return {"align_bench": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
             "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "accelerate": accelerate.__version__}

@@ -122,7 +122,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _plain(value):
-    """Sampler / tracker states as weights_only-loadable types (dict keys that are tuples stay tuples)."""
+    """States and metrics as weights_only-loadable types: numpy arrays and scalars become tensors and Python
+    numbers, str subclasses (torch.__version__ is one) plain str; dict keys that are tuples stay tuples."""
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -144,7 +147,7 @@ def capture(ctx, state: dict, epoch: int, metrics: dict) -> dict:
             "optimizer": copy.deepcopy(ctx.optimizer.state_dict()),
             "algo_state": {k: _plain(copy.deepcopy(v.state_dict())) for k, v in state.items()
                            if hasattr(v, "state_dict")},
-            "metrics": copy.deepcopy(metrics),
+            "metrics": _plain(copy.deepcopy(metrics)),
         },
         "rank": {  # this process's own streams and counters
             "generator": ctx.generator.get_state(),
