@@ -329,6 +329,7 @@ def test_ddim_run_killed_at_random_moments_resumes_bit_identical(random_pipeline
 def test_lcm_run_killed_at_random_moments_resumes_bit_identical(random_lcm_dir, tmp_path):
     """REBEL on the LCM pipeline (stat tracker, LR schedule from the epoch, pairs)."""
     _exactness(tmp_path, random_lcm_dir, ["model=tiny_lcm", "algo=rebel", "algo.train.lr_decay=1",
+                                          "algo.train.gradient_accumulation_steps=1",
                                           "algo.per_prompt_stat_tracking.min_count=2"], num_epochs=5, kills=2, seed=1)
 
 
@@ -372,7 +373,7 @@ TWO_PROCESS_OVERRIDES = {
                   "algo.sample.num_batches_per_epoch=2", "algo.train.memory_check=false"],
     "ddpo": [],
     "d3po": [],
-    "rebel": ["algo.per_prompt_stat_tracking.min_count=2"],
+    "rebel": ["algo.per_prompt_stat_tracking.min_count=2", "algo.train.gradient_accumulation_steps=1"],
 }
 
 
