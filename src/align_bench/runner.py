@@ -110,7 +110,7 @@ class RunContext:
         skipped backward still runs a zero one so that DDP's reducer stays in step with the other processes.
         After SIGTERM/SIGINT, raises StopRequested once the optimizer step is done."""
         acc = self.accelerator
-        if not bool(torch.isfinite(loss.detach()).all()):
+        if not self._epoch_faulty and not bool(torch.isfinite(loss.detach()).all()):  # (else: a consequence)
             self._fault("loss", f"optimizer step {self.counters['optimizer_steps'] + 1}")
             self._window_faulty = True
         if self._window_faulty or self._epoch_faulty:
