@@ -263,6 +263,19 @@ def _run_to_end(cmd, cwd, timeout=600):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _kill_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants (torchrun starts its workers in their own sessions, so a
+    process-group kill would leave them running)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _kill_and_resume(cmd, run_dir: Path, cwd, num_epochs: int, kills: int, rng: random.Random,
                      sigterm_first: bool = False) -> dict:
     """Start `cmd` and kill it (its whole process group) `kills` times at random moments — each time once a
@@ -291,7 +304,7 @@ def _kill_and_resume(cmd, run_dir: Path, cwd, num_epochs: int, kills: int, rng: 
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
             break
         sig = signal.SIGTERM if sigterm_first and i == 0 else signal.SIGKILL
-        os.killpg(proc.pid, sig)
+        _kill_tree(proc.pid, sig)
         _, err = proc.communicate(timeout=600)
         if sig == signal.SIGTERM and proc.returncode == 0:  # it came during the final eval: the run finished
             break
