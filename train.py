@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works from a clone without `pip install -e .`
 
-from align_bench.main import main  # noqa: E402
+from align_bench.main import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -88,6 +88,14 @@ class EvalSchema:
 class CheckpointSchema:
     every: int
     keep: int
+    every_minutes: float
+
+
+@dataclass
+class GuardsSchema:
+    """Numerical-fault guards (runner: non-finite reward, log-prob, loss or grad norm)."""
+
+    max_consecutive_faulty_epochs: int
 
 
 @dataclass
@@ -152,9 +160,11 @@ class Config:
     seed: int
     device: str
     mixed_precision: str
-    resume: bool
+    resume: str  # auto | true | false (checks.resume_mode; `resume=true` arrives as the string 'True')
     run_dir: Optional[str]
     experiment: Optional[str]
+    guards: GuardsSchema
+    dist_timeout_s: float
 
 
 GROUP_SCHEMAS = {"model": ModelSchema, "reward": RewardSchema, "steps": StepsSchema, "prompts": PromptsSchema,

@@ -30,6 +30,9 @@ class CsvBackend:
         self.path = Path(run_dir) / "train.csv"
         self.rows: list[dict] = []
 
+    def resume(self, train: list[dict]) -> None:
+        self.rows = [_scalars(r) for r in train]  # the epochs before the checkpoint, from metrics.json
+
     def train(self, step: int, summary: dict) -> None:
         self.rows.append(_scalars(summary))
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
@@ -109,6 +112,13 @@ class RunLogger:
 
     def __init__(self, backends: list):
         self.backends = backends
+
+    def resume(self, train: list[dict]) -> None:
+        """A resumed run: backends that rewrite whole files (csv) take the epochs already done; streaming ones
+        (tensorboard, wandb) append to what they wrote before."""
+        for b in self.backends:
+            if hasattr(b, "resume"):
+                b.resume(train)
 
     def train(self, step: int, summary: dict) -> None:
         for b in self.backends:

@@ -46,18 +46,37 @@ def read_labels(paths: list[str | Path]) -> tuple[dict[str, float], list[tuple[s
         if not path.is_file():
             raise FileNotFoundError(f"label file {path} does not exist")
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"label file {path} is not valid JSON ({e})") from None
             rows = [{"image": k, "score": v} for k, v in data.items()] if isinstance(data, dict) else list(data)
+            first = 1  # JSON: entries counted from 1
         elif path.suffix.lower() == ".csv":
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
+            first = 2  # CSV: the header is row 1
         else:
             raise ValueError(f"label file {path}: expected .csv or .json")
-        for row in rows:
+        for n, row in enumerate(rows, start=first):
+            if not isinstance(row, dict):
+                raise ValueError(f"label file {path}, entry {n}: expected an object with image/score or winner/loser, "
+                                 f"got {row!r}")
             if row.get("winner") not in (None, "") and row.get("loser") not in (None, ""):
                 choices.append((Path(str(row["winner"])).name, Path(str(row["loser"])).name))
             elif row.get("image") not in (None, "") and row.get("score") not in (None, ""):
-                sums.setdefault(Path(str(row["image"])).name, []).append(float(row["score"]))
+                try:
+                    score = float(row["score"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"label file {path}, row {n}: score {row['score']!r} is not a number") from None
+                if score != score or score in (float("inf"), float("-inf")):
+                    raise ValueError(f"label file {path}, row {n}: score {row['score']!r} is not finite")
+                sums.setdefault(Path(str(row["image"])).name, []).append(score)
+            elif any(row.get(k) not in (None, "") for k in ("winner", "loser")) or (
+                    row.get("score") not in (None, "") and row.get("image") in (None, "")):
+                given = {k: v for k, v in row.items() if v not in (None, "")}
+                raise ValueError(f"label file {path}, row {n}: a winner needs a loser and a score needs an image, got "
+                                 f"{given}")
     return {k: sum(v) / len(v) for k, v in sums.items()}, choices
 
 

@@ -333,15 +333,21 @@ class DiffusionModel:
 
     def load_lora(self, directory: str | Path) -> None:
         """Load LoRA weights written by `save_lora` into the already-attached adapter (resume)."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = load_file(str(Path(directory) / "pytorch_lora_weights.safetensors"))
+        path = Path(directory) / "pytorch_lora_weights.safetensors"
+        self.load_lora_state_dict(load_file(str(path)), source=str(path))
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load LoRA weights in diffusers' key format (`unet.`-prefixed, as `save_lora` writes) into the attached
+        adapter, in place (the optimizer keeps pointing at the same parameters)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(_unwrap(self.unet), convert_unet_state_dict_to_peft(state))
         if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"LoRA checkpoint {directory} has unexpected keys: {result.unexpected_keys[:5]}")
+            raise RuntimeError(f"LoRA checkpoint {source} has unexpected keys: {result.unexpected_keys[:5]}")
 
 
 _FAMILY_EVIDENCE = {"sd": "no guidance embedding, no added text-time conditioning",
