@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import compose
 
+from align_bench.algorithms import ALGORITHMS
 from align_bench.checks import ConfigError, preflight
 from align_bench.main import compose as main_compose
 
@@ -168,7 +169,7 @@ def test_human_feedback_label_file_or_data_missing(hf_data, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ preflight
 @pytest.mark.parametrize("argv, fragment", [
-    (["algo=nope"], "unknown algo 'nope'; valid: ['alignprop', 'd3po', 'ddpo', 'rebel']"),
+    (["algo=nope"], f"unknown algo 'nope'; valid: {sorted(ALGORITHMS)}"),
     (["model=tiny_lmc"], "unknown model 'tiny_lmc' (did you mean 'tiny_lcm'?); valid: ["),
     (["reward=nope"], "unknown reward 'nope'; valid: ["),
     (["prompts=nope"], "unknown prompts 'nope'; valid: ["),
@@ -177,7 +178,7 @@ def test_human_feedback_label_file_or_data_missing(hf_data, tmp_path):
     (["sed=1"], "unknown key sed (did you mean seed?); valid keys in the top level: ["),
     (["model.lora.rnk=3"], "unknown key model.lora.rnk (did you mean model.lora.rank?)"),
     (["algo.train.batch_size=four"], "algo.train.batch_size: Value 'four' of type 'str' could not be converted"),
-    (["-m", "seed=0,1", "algo=ddpo,nope"], "valid algo: ['alignprop', 'd3po', 'ddpo', 'rebel']"),
+    (["-m", "seed=0,1", "algo=ddpo,nope"], f"valid algo: {sorted(ALGORITHMS)}"),
 ])
 def test_what_cannot_compose_is_one_line_naming_what_is_valid(argv, fragment):
     error = preflight(argv, main_compose)
