@@ -278,3 +278,19 @@ def test_tiny_spo_raises_the_eval_reward_against_an_lr0_control(tmp_path):
     metrics = run(compose(["experiment=tiny_spo", *quick]), tmp_path / "run")
     base, final = (metrics["eval"][k]["tiny_aesthetic"]["8"]["mean"] for k in ("base", "final"))
     assert final > base + 0.1, (base, final)
+
+
+def test_reference_presets_carry_the_reference_settings():
+    sd15 = compose(["experiment=spo_sd15"])
+    a = sd15.algo
+    assert (sd15.model.name, sd15.reward.name, sd15.steps.train, a.sample.num_children, a.sample.batch_size,
+            a.sample.threshold, a.sample.num_inner_step, a.train.learning_rate, a.num_epochs) == \
+        ("sd15", "spm", 20, 4, 10, 0.3, 0, 6e-5, 10)
+    xl = compose(["experiment=spo_sdxl"]).algo
+    assert (xl.sample.num_children, xl.sample.batch_size, xl.sample.num_inner_step, xl.sample.threshold,
+            xl.train.batch_size, xl.train.gradient_accumulation_steps, xl.train.learning_rate) == \
+        (2, 2, 3, 0.4, 2, 2, 1e-5)
+    from align_bench.runner import validate
+
+    with pytest.raises(ValueError, match="add model=sdxl"):
+        validate(compose(["experiment=spo_sdxl"]))

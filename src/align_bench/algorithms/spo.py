@@ -246,6 +246,8 @@ def share_pairs(accelerator, pairs: Groups, permutation_seed: int) -> Groups:
 # ------------------------------------------------------------------------------------------- algorithm API
 def validate(cfg) -> None:
     s, t = cfg.algo.sample, cfg.algo.train
+    if cfg.get("experiment") == "spo_sdxl" and cfg.model.family != "sdxl":
+        raise ValueError(f"experiment=spo_sdxl is SPO's SDXL setting: add model=sdxl (got model={cfg.model.name})")
     if cfg.model.family == "lcm":
         raise ValueError("algo=spo branches the stochastic DDIM sampler; model.family=lcm is not supported")
     if s.eta <= 0:
