@@ -29,7 +29,7 @@ from .models import load_clip
 log = logging.getLogger("align_bench.tiny")
 
 # Budget of the committed SPM (2 threads): pairs rendered for training, noised x̂0 pairs made from them, SGD steps.
-FULL = dict(spm_pairs=3000, spm_noised=2400, spm_steps=800, spm_bs=64, spm_eval_pairs=240)
+FULL = dict(spm_pairs=2000, spm_noised=1280, spm_steps=500, spm_bs=32, spm_eval_pairs=200)
 SMOKE = dict(spm_pairs=32, spm_noised=32, spm_steps=3, spm_bs=8, spm_eval_pairs=16)
 EVAL_TIMESTEPS = (0, 251, 501, 751, 951)
 MIN_GAP = 0.25  # aesthetic-score difference below which a pair counts as a tie and is dropped
