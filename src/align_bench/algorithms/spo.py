@@ -148,7 +148,7 @@ def branching_rollout(model, prompts: list[str], score_fn, *, num_steps: int, et
     prev_grid = model.prev_timesteps(grid)
     x = model.initial_noise(B, generator).to(model.device, model.dtype)
     unet_batches: list[int] = []
-    margins, kept, winners, losers = [], [], [], []
+    margins, kept, winners, losers, all_scores = [], [], [], [], []
 
     def noise(*shape):
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(model.device)
@@ -170,6 +170,7 @@ def branching_rollout(model, prompts: list[str], score_fn, *, num_steps: int, et
     def evaluate(segment: Segment, images, t: int) -> None:
         scores = score_fn(images, prompts_k, torch.full((k * B,), t, dtype=torch.long, device=images.device))
         scores = scores.reshape(k, B)
+        all_scores.append(scores.float().flatten().cpu())
         best, worst, valid = compare(scores, threshold)
         margins.append((scores.max(0).values - scores.min(0).values).float().cpu())
         kept.append(valid.float().cpu())
@@ -201,8 +202,8 @@ def branching_rollout(model, prompts: list[str], score_fn, *, num_steps: int, et
             left = m
     evaluate(segment, model.decode(x), 0)  # the last children are final samples: scored at t = 0
 
-    info = {"score_margin": float(torch.cat(margins).mean()), "kept_frac": float(torch.cat(kept).mean()),
-            "unet_batches": unet_batches}
+    info = {"score_mean": float(torch.cat(all_scores).mean()), "score_margin": float(torch.cat(margins).mean()),
+            "kept_frac": float(torch.cat(kept).mean()), "unet_batches": unet_batches}
     return Groups(Trajectory.cat(winners + losers), 2), info
 
 
@@ -283,7 +284,7 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
     s = cfg.sample
     guidance = training_guidance(ctx)
     logs: dict[str, list[float]] = {"loss": [], "log_ratio_abs": [], "clipfrac": [], "pref_acc": [], "grad_norm": []}
-    margins, kept_fracs, num_pairs, skipped = [], [], 0, 0
+    scores, margins, kept_fracs, num_pairs, skipped = [], [], [], 0, 0
     bs = int(cfg.train.batch_size)
     for r in range(int(s.num_batches_per_epoch)):
         # ---- sample: the branching sampler, scored by the step-aware preference model through ctx.score
@@ -295,6 +296,7 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
             divert_start_step=int(s.divert_start_step), num_inner_step=int(s.num_inner_step),
             threshold=float(s.threshold), generator=ctx.generator, unet=ctx.unet, progress=ctx.progress)
         ctx.counters["images"] += len(prompts) * int(s.num_children)  # k final samples per prompt are decoded
+        scores.append(info["score_mean"])
         margins.append(info["score_margin"])
         kept_fracs.append(info["kept_frac"])
         # every process draws the same permutation: the seed is shared, not the process's own
@@ -321,6 +323,8 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
             record_step(logs, loss, info, grad_norm)
 
     summary = {k: float(np.nanmean(v)) for k, v in logs.items() if v and not np.all(np.isnan(v))}
-    summary.update(num_pairs=num_pairs, skipped_rounds=skipped, score_margin=float(np.mean(margins)),
+    # reward_mean: the preference model's mean score over every child it judged (all noise levels)
+    summary.update(reward_mean=float(np.mean(scores)), num_pairs=num_pairs, skipped_rounds=skipped,
+                   score_margin=float(np.mean(margins)),
                    kept_frac=float(np.mean(kept_fracs)))
     return summary
