@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import resolve_path
-from ..tiny.models import clip_pixel_values, load_clip, require_dir, text_features, tokenize
+from ..tiny.models import clip_pixel_values, load_clip, text_features, tokenize
 from .base import Reward, register_reward
 
 log = logging.getLogger("align_bench")
@@ -220,7 +220,10 @@ def load_tiny_spm(spm_dir: str | Path = TINY_SPM_DIR, clip_dir: str | Path = TIN
     """(time-conditioned tiny CLIP in eval mode, tokenizer): the tiny CLIP's text tower + the SPM's weights."""
     from safetensors.torch import load_file
 
-    path = require_dir(spm_dir, "tiny step-aware preference model")
+    path = resolve_path(spm_dir)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"tiny step-aware preference model not found at {path}: build it with "
+                                f"`python -m align_bench.tiny.build --stages spm --out assets/tiny-world`")
     clip, tokenizer = load_clip(clip_dir)
     add_time_conditioning(clip, init="identity")
     state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
