@@ -17,6 +17,7 @@ def test_smoke_build_writes_every_artifact(tmp_path):
     main(["--smoke", "--out", str(out), "--threads", "1"])
     for name in ("tiny", "tiny-lcm", "tiny-turbo", "clip", "aesthetic"):
         assert (out / name / "README.md").is_file(), name
+    assert (out / "spm" / "README.md").is_file() and (out / "spm" / "model.safetensors").is_file()  # SPO's SPM
     assert (out / "build.log").read_text().count("stage") >= 6
     m = json.loads((out / "metrics.json").read_text())
     assert {"clip_ground_truth", "tiny", "tiny_lcm", "tiny_turbo", "headroom", "timings"} <= set(m)

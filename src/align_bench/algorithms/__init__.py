@@ -9,9 +9,9 @@ Each module is one file that reads top to bottom and exposes:
 and optionally REQUIRES_DIFFERENTIABLE_REWARD = True. docs/architecture.md shows where a new one plugs in.
 """
 
-from . import alignprop, d3po, ddpo, grpo, rebel, sdpo
+from . import alignprop, d3po, ddpo, grpo, rebel, sdpo, spo
 
-ALGORITHMS = {module.__name__.rsplit(".", 1)[1]: module for module in (ddpo, d3po, rebel, alignprop, sdpo, grpo)}
+ALGORITHMS = {module.__name__.rsplit(".", 1)[1]: module for module in (ddpo, d3po, rebel, alignprop, spo, sdpo, grpo)}
 
 
 def get_algorithm(name: str):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import scenes, train
+from . import scenes, spm, train
 from .models import ddim_scheduler, lcm_scheduler
 from .tokenizer import build_tokenizer
 
@@ -118,9 +118,10 @@ def _setup_logging(out: Path, mode: str = "w") -> None:
 def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str = "all", resume: bool = False,
           checkpoint_every: int = 0,
           command: str = "python -m align_bench.tiny.build --out assets/tiny-world") -> dict:
-    """Run every stage; returns the timings (seconds) per stage. ``stages``: "all", "base" (no LCM, no turbo) or
-    "turbo" (only tiny-turbo, on the world already in ``out``). ``resume``: reuse the clip / VAE / aesthetic / tiny
-    artifacts (and turbo's teacher couplings) already in ``out`` (same seeds ⇒ same result)."""
+    """Run every stage; returns the timings (seconds) per stage. ``stages``: "all", "base" (no LCM, no turbo),
+    "turbo" (only tiny-turbo, on the world already in ``out``) or "spm" (only SPO's preference model, on the world in
+    ``out``). ``resume``: reuse the clip / VAE / aesthetic / tiny artifacts (and turbo's teacher couplings) already in
+    ``out`` (same seeds ⇒ same result)."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormals make CPU convolutions crawl
     if stages == "turbo":
@@ -129,6 +130,8 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
     log.info("build into %s with budget %s seed %d threads %d", out, budget, seed, threads)
     times: dict[str, float] = {}
     t0 = time.time()
+    if stages == "spm":  # only SPO's step-aware preference model, on the world already in `out`
+        return {"spm": spm.build_stage(out, budget, seed=seed, resume=resume)["seconds"]}
 
     def lap(name: str) -> None:
         nonlocal t0
@@ -206,6 +209,8 @@ def build(out: Path, budget: dict, seed: int = 0, threads: int = 2, stages: str 
         lap("lcm")
         turbo_stage(out, unet, text_encoder, tokenizer, captions, budget, seed, resume)
         lap("turbo")
+    spm.build_stage(out, budget, seed=seed, resume=resume)
+    lap("spm")
     shutil.rmtree(vae_dir, ignore_errors=True)
     shutil.rmtree(clip1_dir, ignore_errors=True)
 
@@ -313,14 +318,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny budget, seconds: exercises every code path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 when other jobs share the cores)")
-    ap.add_argument("--stages", choices=["all", "base", "turbo"], default="all",
-                    help="all; base (no LCM, no turbo); turbo (only tiny-turbo, on the world in --out)")
+    ap.add_argument("--stages", choices=["all", "base", "turbo", "spm"], default="all",
+                    help="all; base (no LCM, no turbo); turbo (only tiny-turbo, on the world in --out); spm (only "
+                         "SPO's step-aware preference model, on the world in --out)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (quick experiments)")
     ap.add_argument("--resume", action="store_true", help="reuse finished stages found in --out")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="save the tiny pipeline every N UNet steps")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help="override budget entries")
     args = ap.parse_args(argv)
     budget = dict(SMOKE if args.smoke else FULL)
+    budget.update(spm.SMOKE if args.smoke else spm.FULL)
     for kv in args.set:
         k, v = kv.split("=")
         if k not in budget:
