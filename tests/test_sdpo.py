@@ -286,17 +286,18 @@ def test_reference_presets_have_the_reference_settings(reward, lr, epochs):
 def test_comparison_presets_spend_tiny_sdpos_reward_queries():
     """SDPO's central comparison: DDPO, D3PO and REBEL on tiny_turbo with the same reward queries, epochs, steps and
     prompts as tiny_sdpo (3 queries per SDPO trajectory, 1 per trajectory for the others)."""
-    per_trajectory = {"sdpo": 3, "ddpo": 1, "d3po": 1, "rebel": 1}
+    per_trajectory = {"sdpo": 3, "ddpo": 1, "d3po": 1, "rebel": 1, "grpo": 1}
     per_item = {"sdpo": 2, "ddpo": 1, "d3po": 2, "rebel": 2}  # trajectories per sample.batch_size unit
 
     def budget(preset):
         cfg = compose([f"experiment={preset}"])
         s = cfg.algo.sample
-        queries = s.batch_size * s.num_batches_per_epoch * per_item[cfg.algo.name] * per_trajectory[cfg.algo.name]
+        per = s.group_size if cfg.algo.name == "grpo" else per_item[cfg.algo.name]
+        queries = s.batch_size * s.num_batches_per_epoch * per * per_trajectory[cfg.algo.name]
         return queries, cfg.algo.num_epochs, cfg.steps.train, cfg.prompts.train
 
     sdpo_budget = budget("tiny_sdpo")
-    for algo in ("ddpo", "d3po", "rebel"):
+    for algo in ("ddpo", "d3po", "rebel", "grpo"):
         assert budget(f"tiny_turbo_{algo}") == sdpo_budget, algo
         assert compose([f"experiment=tiny_turbo_{algo}"]).model.name == "tiny_turbo"
 
