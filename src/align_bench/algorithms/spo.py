@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import AlgoSchema, OptimSchema
+from ..config import AlgoSchema, OptimSchema, SampleSchema
 from ..core.rollout import PER_STEP, Trajectory, denoising_step, step_log_prob
 from ..core.scheduling import StepOutput, draw_children, gaussian_log_prob
 from ..models.conditioning import Conditioning
@@ -41,11 +40,7 @@ from .common import (Groups, clipped_dpo_loss, gather_variable, record_step, ref
 
 
 @dataclass
-class SampleSchema:
-    batch_size: int
-    num_batches_per_epoch: int
-    eta: float
-    guidance_scale: Optional[float]
+class BranchSampleSchema(SampleSchema):
     num_children: int
     divert_start_step: int
     num_inner_step: int
@@ -63,7 +58,7 @@ class TrainSchema(OptimSchema):
 
 @dataclass
 class Config(AlgoSchema):
-    sample: SampleSchema
+    sample: BranchSampleSchema
     train: TrainSchema
 
 
