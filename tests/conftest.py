@@ -60,6 +60,11 @@ FAST_RUN = [
 ]
 
 
+# A reference preset's GPU settings (fp16) are refused on a CPU before anything loads (checks.py); validating one here
+# takes these on top.
+ON_CPU = ["mixed_precision=no", "model.dtype=fp32"]
+
+
 def tiny_world_missing(*parts: str) -> bool:
     """True unless every named part of the committed tiny world (``tiny``, ``tiny-lcm``, ``clip``, ``aesthetic``)
     is under assets/tiny-world: the skip condition of the end-to-end tiny runs."""

@@ -158,10 +158,10 @@ def test_reference_is_lora_disabled_and_model_level_gradient_at_init(random_pipe
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("override,message", [
     ("algo.sample.eta=0", "eta must be > 0"),
-    ("algo.train.beta=0", "beta must be > 0"),
+    ("algo.train.beta=0", "algo.train.beta=0.0 must be > 0"),
     ("algo.train.eps=1.5", "eps"),
     ("algo.train.batch_size=3", "multiple of algo.train.batch_size"),
-    ("algo.human.data_dir=/nowhere", "labels is empty"),
+    ("algo.human.data_dir=/nowhere", "no trajectories.pt in /nowhere"),
 ])
 def test_validate_rejects_bad_configs(override, message):
     from align_bench.runner import validate

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_RUN, compose, tiny_world_missing
+from conftest import FAST_RUN, ON_CPU, compose, tiny_world_missing
 
 from align_bench.algorithms import rebel
 from align_bench.algorithms.common import sample_groups
@@ -214,7 +214,7 @@ def test_ddpo_and_rebel_compose_with_the_real_lcm_config():
     from align_bench.runner import validate
 
     for algo in ("ddpo", "rebel"):
-        cfg = compose([f"algo={algo}", "model=lcm", "steps.train=8"])
+        cfg = compose([f"algo={algo}", "model=lcm", "steps.train=8", *ON_CPU])
         validate(cfg)
         assert cfg.model.family == "lcm" and cfg.model.guidance_scale == 8.0
 
@@ -226,7 +226,7 @@ def test_reference_presets_compose_and_validate(preset):
     from align_bench.runner import validate
 
     cfg = compose([f"experiment={preset}"])
-    validate(cfg)
+    validate(compose([f"experiment={preset}", *ON_CPU]))
     assert cfg.experiment == preset and cfg.mixed_precision == "fp16"
     algo = preset.split("_")[0]
     assert cfg.algo.name == algo and int(cfg.steps.train) == (20 if algo == "d3po" else 8)

@@ -206,9 +206,6 @@ def _check_steps_and_model(cfg) -> None:
     m = cfg.model
     if m.family not in FAMILIES:
         _fail(f"model.family={m.family!r} is not valid; expected one of {list(FAMILIES)}")
-    if m.family == "sdxl":
-        _fail("model.family=sdxl is not supported yet (two text encoders, pooled embeddings and time ids); valid "
-              "now: sd, lcm")
     if m.timestep_spacing not in SPACINGS:
         _fail(f"model.timestep_spacing={m.timestep_spacing!r} is not valid; expected one of {list(SPACINGS)}")
     if m.dtype not in DTYPES:
