@@ -217,7 +217,7 @@ def test_pair_rows_round_trip():
     ("algo.sample.divert_start_step=8", "divert_start_step"),
     ("algo.sample.threshold=1.0", "threshold"),
     ("algo.sample.num_inner_step=-1", "num_inner_step"),
-    ("algo.train.beta=0", "beta must be > 0"),
+    ("algo.train.beta=0", "algo.train.beta=0.0 must be > 0"),
     ("model=tiny_lcm", "lcm"),
 ])
 def test_validate_rejects_bad_configs(override, message):
@@ -295,5 +295,6 @@ def test_reference_presets_carry_the_reference_settings():
         (2, 2, 3, 0.4, 2, 2, 1e-5)
     from align_bench.runner import validate
 
-    with pytest.raises(ValueError, match="add model=sdxl"):
-        validate(compose(["experiment=spo_sdxl"]))
+    assert compose(["experiment=spo_sdxl"]).model.name == "sdxl"
+    with pytest.raises(ValueError, match="add model=sdxl"):  # its SDXL options on an SD model: one line
+        validate(compose(["experiment=spo_sdxl", "model=sd15", "mixed_precision=no", "model.dtype=fp32"]))

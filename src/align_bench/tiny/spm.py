@@ -126,7 +126,7 @@ def build_stage(out: Path, budget: dict, seed: int = 0, resume: bool = False) ->
     t0 = time.time()
     model = DiffusionModel.from_pretrained(ModelSpec(
         name="tiny", path=str(out / "tiny"), family="sd", timestep_spacing="trailing", steps_offset=0,
-        resolution=None, dtype="fp32", download_hint="build the tiny world first (make tiny-world)"))
+        resolution=None, vae=None, dtype="fp32", download_hint="build the tiny world first (make tiny-world)"))
     gen = torch.Generator().manual_seed(seed + 11)
     # training pairs: seen colour pairs only (as the UNet); held-out pairs: another seed, every colour pair
     pairs, captions = make_pairs(budget["spm_pairs"], seed + 11)
