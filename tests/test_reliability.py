@@ -387,6 +387,8 @@ TWO_PROCESS_OVERRIDES = {
     "ddpo": [],
     "d3po": [],
     "rebel": ["algo.per_prompt_stat_tracking.min_count=2", "algo.train.gradient_accumulation_steps=1"],
+    "sdpo": ["algo.train.gradient_accumulation_steps=1"],
+    "spo": ["algo.sample.divert_start_step=0", "algo.sample.threshold=0.0", "algo.train.gradient_accumulation_steps=1"],
 }
 
 
