@@ -51,7 +51,7 @@ BAD_SETTINGS = [
     (["model.dtype=fp64"], "model.dtype='fp64' is not valid"),
     (["model.family=lcm"], "model.family=lcm but the UNet at"),
     (["model=tiny_lcm", "model.family=sd"], "model.family=sd but the UNet at"),
-    (["model.family=sdxl"], "model.family=sdxl is not supported yet"),
+    (["model.family=sdxl"], "model.family=sdxl but the UNet at assets/tiny-world/tiny is a 'sd' UNet"),
     (["model.family=flux"], "model.family='flux' is not valid; expected one of ['sd', 'lcm', 'sdxl']"),
     (["model.resolution=12"], "model.resolution=12 must be a positive multiple of 8"),
     (["model.path=/nonexistent/pipeline"], "model.path='/nonexistent/pipeline': no such directory"),
