@@ -27,14 +27,7 @@ SHRINK = {"sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "train.batc
           "sample.threshold": 0.0}        # and keep every pair (brightness differences of a random model are tiny)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their synchronisation dominates
-    (the matrix took 10× longer with 2 threads than with 1 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

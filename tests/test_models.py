@@ -12,14 +12,7 @@ from conftest import compose
 REAL_MODELS = {"sd15": "sd", "sd_turbo": "sd_turbo", "lcm": "lcm", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their synchronisation dominates
-    (the matrix took 10× longer with 2 threads than with 1 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
