@@ -347,6 +347,14 @@ def test_lcm_run_killed_at_random_moments_resumes_bit_identical(random_lcm_dir, 
 
 
 @pytest.mark.slow
+def test_stepwise_run_killed_at_random_moments_resumes_bit_identical(random_pipeline_dir, tmp_path):
+    """SPO, the step-wise algorithm with its own branching loop: random children, per-step preferences, the frozen
+    reference policy (LoRA off) and the random child the trajectory continues from all come back the same."""
+    _exactness(tmp_path, random_pipeline_dir, ["algo=spo", *TWO_PROCESS_OVERRIDES["spo"]], num_epochs=5, kills=2,
+               seed=3)
+
+
+@pytest.mark.slow
 def test_two_process_run_killed_and_resumed_bit_identical(random_pipeline_dir, tmp_path):
     """Two gloo processes (every rank's own streams checkpointed by rank 0) killed with SIGKILL and resumed."""
     _exactness(tmp_path, random_pipeline_dir, [], num_epochs=9, processes=2, kills=2, seed=2)
@@ -415,3 +423,26 @@ def test_two_processes_stay_in_sync_and_only_rank_0_writes(algo, random_pipeline
     assert len(state["ranks"]) == 2  # both processes' streams, written by rank 0
     assert not torch.equal(state["ranks"][0]["generator"], state["ranks"][1]["generator"])
     assert not list(tmp_path.glob("runs")) and not list(run_dir.glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ddpo", "rebel"])
+def test_two_processes_update_as_one_process_with_the_same_global_batch(algo, random_pipeline_dir, tmp_path):
+    """Two processes, each with half of one global batch, end with the LoRA weights of one process that takes the
+    whole batch: DDP averages the gradients (a sum would double the SGD step, a dropped rank would halve what it
+    sees). Single trajectories (PPO) and pairs kept on one process (REBEL)."""
+    script = str(ROOT / "tests" / "scripts" / "global_batch.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run_to_end([sys.executable, script, str(random_pipeline_dir), str(one), algo], tmp_path)
+    port = str(29571 + ["ddpo", "rebel"].index(algo))
+    _run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script,
+                 str(random_pipeline_dir), str(two), algo], tmp_path)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert (a["num_processes"], b["num_processes"]) == (1, 2)
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 2
+    assert a["lora"].keys() == b["lora"].keys()
+    step = {k: a["lora"][k] - a["initial"][k] for k in a["lora"]}
+    assert max(float(d.abs().max()) for d in step.values()) > 1e-3  # the updates really moved the weights
+    for k in a["lora"]:
+        torch.testing.assert_close(b["initial"][k], a["initial"][k], rtol=0, atol=0)
+        torch.testing.assert_close(b["lora"][k] - b["initial"][k], step[k], rtol=1e-4, atol=1e-6, msg=k)
