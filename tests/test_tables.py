@@ -235,3 +235,31 @@ def test_eval_of_a_fixed_model_is_bit_identical_when_repeated():
     for name in rewards:
         for n in (1, 4):
             assert runs[0][name][n].tobytes() == runs[1][name][n].tobytes()
+
+
+def test_an_interrupted_sweep_leaves_no_process_behind(tmp_path):
+    """SIGTERM to the study while a sweep runs: the sweep's own children (joblib's workers, the runs) are stopped
+    too, not left running on the cores; the study exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "grandchild.pid"
+    worker = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(300)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    driver = ("import sys; from align_bench.study import run_sweep\n"
+              f"run_sweep([sys.executable, '-c', {worker!r}], dict(__import__('os').environ), grace_s=10)")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    grandchild = psutil.Process(int(pid_file.read_text()))
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "stopping 2 process(es)" in err, err
+    assert grandchild.wait(timeout=30) is not None or not grandchild.is_running()

@@ -128,8 +128,41 @@ def launch(spec: Spec, dry_run: bool = False) -> list[list[str]]:
     for cmd in cmds:
         log.info("launch: %s", shlex.join(cmd))
         if not dry_run:
-            subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
+            run_sweep(cmd, env)
     return cmds
+
+
+def run_sweep(cmd: list[str], env: dict, grace_s: float = 120.0) -> None:
+    """Run one multirun in its own session and wait. Interrupted (Ctrl-C, SIGTERM), stop every process it started —
+    the launcher's workers (joblib's loky processes outlive their parent otherwise) and each run, which checkpoints
+    on SIGTERM — give them `grace_s` to finish, then kill what is left; the next `make reproduce-tables` resumes."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if proc.wait() != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+    except KeyboardInterrupt:
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+        log.warning("interrupted: stopping %d process(es) of the sweep (runs checkpoint; rerun to resume)", len(tree))
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+        for p in alive:
+            p.kill()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def aggregate(spec: Spec) -> Path:
@@ -181,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.CalledProcessError as e:
             print(f"error: a sweep failed (exit {e.returncode}): {shlex.join(e.cmd)}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("align_bench.study: interrupted; finished runs are kept, the others checkpointed — run the same "
+                  "command again to resume", file=sys.stderr)
+            return 130
         if args.dry_run:
             return 0
     aggregate(spec)
