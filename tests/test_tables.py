@@ -263,3 +263,33 @@ def test_an_interrupted_sweep_leaves_no_process_behind(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "stopping 2 process(es)" in err, err
     assert grandchild.wait(timeout=30) is not None or not grandchild.is_running()
+
+
+def test_tuning_tries_every_preset_at_each_value_and_selects_by_training_reward(tmp_path):
+    """The equal tuning budget: the same trials for every preset, launched as sub-studies (one per value), scored
+    by the training reward of the last epochs only (a run's held-out eval cannot pick its learning rate)."""
+    tune = {"key": "algo.train.learning_rate", "values": [0.001, 0.003], "seeds": [0], "select_last_epochs": 2,
+            "overrides": ["eval.base=false"]}
+    spec = study.load_spec(spec_file(tmp_path, presets=["tiny_ddpo", "tiny_spo"], tune=tune))
+    subs = study.tuning_specs(spec)
+    assert list(subs) == ["0.001", "0.003"] and subs["0.003"].seeds == [0]
+    assert subs["0.003"].overrides[-2:] == ["eval.base=false", "algo.train.learning_rate=0.003"]
+    assert not str(subs["0.001"].runs).startswith(str(spec.runs))  # never aggregated into the tables
+    cmds = study.tune(spec, dry_run=True)
+    assert cmds == {}
+    curves = {("tiny_ddpo", "0.001"): [9.0, 1.0, 2.0], ("tiny_ddpo", "0.003"): [0.0, 3.0, 2.0],
+              ("tiny_spo", "0.001"): [0.0, 5.0, 5.0], ("tiny_spo", "0.003"): [0.0, 4.0, 6.0]}
+    for (preset, value), curve in curves.items():
+        d = write_run(subs[value].runs, preset, 0, preset[5:], {"r": {"8": 100.0 if value == "0.001" else 0.0}})
+        m = json.loads((d / "metrics.json").read_text())
+        m["train"] = [{"epoch": i, "reward_mean": r} for i, r in enumerate(curve)]
+        (d / "metrics.json").write_text(json.dumps(m))
+    assert study.training_score(subs["0.001"].runs / "tiny_ddpo" / "seed0", 2) == 1.5
+    chosen = study.tune(spec)  # everything finished: launches nothing
+    assert chosen == {"tiny_ddpo": "0.003", "tiny_spo": "0.001"}  # 2.5 > 1.5; a tie (5.0 = 5.0) keeps the first
+    page = (tmp_path / "runs").parent / "tuning.md"
+    text = (spec.results / "tuning.md").read_text()
+    assert page.is_file() and "| tiny_ddpo | 1.500 | **2.500** * | 0.003 |" in text  # tiny_ddpo's own lr is 3e-3
+    assert "| tiny_spo | **5.000** * | 5.000 | 0.001 |" in text
+    with pytest.raises(ValueError, match="at least two"):
+        study.load_spec(spec_file(tmp_path, tune={"key": "seed", "values": [1]}))

@@ -31,7 +31,8 @@ from .tables import load_runs, write_tables
 
 log = logging.getLogger("align_bench.study")
 
-_SPEC_KEYS = {"name", "runs", "results", "presets", "seeds", "overrides", "launcher", "quick"}
+_SPEC_KEYS = {"name", "runs", "results", "presets", "seeds", "overrides", "launcher", "quick", "tune"}
+_TUNE_KEYS = {"key", "values", "seeds", "select_last_epochs", "overrides"}
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Spec:
     overrides: list[str] = field(default_factory=list)
     launcher: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
+    # The equal tuning budget: every preset is tried at each of `values` of `key` (the same trials for every
+    # algorithm), selected by the TRAINING reward (mean of the last `select_last_epochs` epochs, on the training
+    # prompts; never the held-out eval). Empty: no tuning stage.
+    tune: dict = field(default_factory=dict)
 
 
 def load_spec(path: Path, quick: bool = False) -> Spec:
@@ -73,7 +78,16 @@ def load_spec(path: Path, quick: bool = False) -> Spec:
     return Spec(name=raw["name"], runs=root(raw["runs"]), results=root(raw.get("results") or Path(raw["runs"]).parent),
                 presets=list(raw["presets"]), seeds=[int(s) for s in raw["seeds"]],
                 overrides=list(raw.get("overrides", [])), launcher=dict(raw.get("launcher", {})),
-                quick=dict(raw.get("quick", {})))
+                quick=dict(raw.get("quick", {})), tune=_check_tune(path, raw.get("tune") or {}))
+
+
+def _check_tune(path: Path, tune: dict) -> dict:
+    unknown = set(tune) - _TUNE_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown tune key(s) {sorted(unknown)}; valid: {sorted(_TUNE_KEYS)}")
+    if tune and (not tune.get("key") or len(tune.get("values") or []) < 2):
+        raise ValueError(f"{path}: tune needs a 'key' and at least two 'values'")
+    return tune
 
 
 def run_dir(spec: Spec, preset: str, seed: int) -> Path:
@@ -165,6 +179,78 @@ def run_sweep(cmd: list[str], env: dict, grace_s: float = 120.0) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+# ------------------------------------------------------------------------------------------------ tuning
+def tuning_specs(spec: Spec) -> dict[str, Spec]:
+    """{value: the sub-study that tries every preset at key=value} under <runs>/../tuning/<key>=<value>."""
+    t = spec.tune
+    out = {}
+    for value in t["values"]:
+        tag = f"{t['key'].rsplit('.', 1)[-1]}={value}"
+        out[str(value)] = Spec(name=f"{spec.name}-tune-{tag}", runs=spec.runs.parent / "tuning" / tag,
+                               results=spec.results, presets=spec.presets,
+                               seeds=[int(s) for s in t.get("seeds", [0])],
+                               overrides=[*spec.overrides, *t.get("overrides", []), f"{t['key']}={value}"],
+                               launcher=spec.launcher)
+    return out
+
+
+def training_score(path: Path, last: int) -> float | None:
+    """Mean training reward (the training prompts' own) over the last `last` epochs of a finished run."""
+    if not is_finished(path):
+        return None
+    curve = [t["reward_mean"] for t in json.loads((path / "metrics.json").read_text())["train"]
+             if t.get("reward_mean") is not None]
+    return sum(curve[-last:]) / len(curve[-last:]) if curve else None
+
+
+def tune(spec: Spec, dry_run: bool = False) -> dict[str, str]:
+    """Run the tuning trials that are missing, then choose per preset: {preset: chosen value}. Writes
+    <results>/tuning.md (every trial's score, the choice in bold, the preset's own value marked)."""
+    from .main import compose
+
+    subs = tuning_specs(spec)
+    for sub in subs.values():
+        launch(sub, dry_run=dry_run)
+    if dry_run:
+        return {}
+    last = int(spec.tune.get("select_last_epochs", 5))
+    key = spec.tune["key"]
+    lines = [f"# Tuning: {spec.name}", "",
+             f"Every preset tried at `{key}` ∈ {{{', '.join(subs)}}} (the same trials for every algorithm), seeds "
+             f"{subs[next(iter(subs))].seeds}; score = mean training reward of the last {last} epochs on the "
+             "training prompts (the held-out eval set plays no part). Bold: the best trial; *: the preset's own "
+             "value, which the tables use.", "", "| preset | " + " | ".join(subs) + " | chosen |",
+             "|---|" + "---|" * (len(subs) + 1)]
+    chosen = {}
+    for preset in spec.presets:
+        scores = {}
+        for value, sub in subs.items():
+            got = [training_score(run_dir(sub, preset, s), last) for s in sub.seeds]
+            scores[value] = None if None in got else sum(got) / len(got)
+        done = {v: x for v, x in scores.items() if x is not None}
+        best = max(done, key=done.get) if done else None
+        own = str(OmegaConf.select(compose([f"experiment={preset}"]), key))
+        chosen[preset] = best
+        cells = []
+        for v, x in scores.items():
+            cell = "—" if x is None else f"{x:.3f}"
+            cell = f"**{cell}**" if v == best else cell
+            cells.append(cell + (" *" if _same(v, own) else ""))
+        lines.append(f"| {preset} | " + " | ".join(cells) + f" | {best} |")
+        if best is not None and not _same(best, own):
+            log.warning("tuning: %s scores best at %s=%s but the preset sets %s", preset, key, best, own)
+    spec.results.mkdir(parents=True, exist_ok=True)
+    (spec.results / "tuning.md").write_text("\n".join(lines) + "\n")
+    return chosen
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
 def aggregate(spec: Spec) -> Path:
     """Tables, plots and the results page from every metrics.json under spec.runs; returns the page's path."""
     from .plots import plot_study
@@ -180,6 +266,9 @@ def aggregate(spec: Spec) -> Path:
     md.insert(2, f"Regenerate: `make reproduce-tables PRESET={spec.name}` (launches only missing runs, then "
                  f"aggregates). Spec: `experiments/specs/{spec.name}.yaml`; runs under "
                  f"`{_rel(spec.runs)}`. Also as `tables.tex` and `tables.csv`.\n")
+    if (spec.results / "tuning.md").is_file():
+        md.insert(3, "How each preset's learning rate was chosen (the same trials for every algorithm): "
+                     "[tuning.md](tuning.md).\n")
     if figures:
         md += ["", "## Figures", ""] + [f"![{p.stem}]({_rel(p, spec.results)})" for p in figures]
     page.write_text("\n".join(md) + "\n")
@@ -210,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not args.aggregate_only:
         try:
+            if spec.tune and not args.quick:
+                tune(spec, dry_run=args.dry_run)
             launch(spec, dry_run=args.dry_run)
         except subprocess.CalledProcessError as e:
             print(f"error: a sweep failed (exit {e.returncode}): {shlex.join(e.cmd)}", file=sys.stderr)
