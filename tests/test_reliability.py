@@ -426,23 +426,23 @@ def test_two_processes_stay_in_sync_and_only_rank_0_writes(algo, random_pipeline
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ddpo", "rebel"])
-def test_two_processes_update_as_one_process_with_the_same_global_batch(algo, random_pipeline_dir, tmp_path):
+def test_two_processes_update_as_one_process_with_the_same_global_batch(random_pipeline_dir, tmp_path):
     """Two processes, each with half of one global batch, end with the LoRA weights of one process that takes the
     whole batch: DDP averages the gradients (a sum would double the SGD step, a dropped rank would halve what it
     sees). Single trajectories (PPO) and pairs kept on one process (REBEL)."""
     script = str(ROOT / "tests" / "scripts" / "global_batch.py")
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _run_to_end([sys.executable, script, str(random_pipeline_dir), str(one), algo], tmp_path)
-    port = str(29571 + ["ddpo", "rebel"].index(algo))
-    _run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script,
-                 str(random_pipeline_dir), str(two), algo], tmp_path)
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert (a["num_processes"], b["num_processes"]) == (1, 2)
-    assert a["optimizer_steps"] == b["optimizer_steps"] == 2
-    assert a["lora"].keys() == b["lora"].keys()
-    step = {k: a["lora"][k] - a["initial"][k] for k in a["lora"]}
-    assert max(float(d.abs().max()) for d in step.values()) > 1e-3  # the updates really moved the weights
-    for k in a["lora"]:
-        torch.testing.assert_close(b["initial"][k], a["initial"][k], rtol=0, atol=0)
-        torch.testing.assert_close(b["lora"][k] - b["initial"][k], step[k], rtol=1e-4, atol=1e-6, msg=k)
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    _run_to_end([sys.executable, script, str(random_pipeline_dir), str(tmp_path / "one"), "ddpo", "rebel"], tmp_path)
+    _run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+                 script, str(random_pipeline_dir), str(tmp_path / "two"), "ddpo", "rebel"], tmp_path)
+    for algo in ("ddpo", "rebel"):
+        a, b = (torch.load(tmp_path / d / f"{algo}.pt", weights_only=True) for d in ("one", "two"))
+        assert (a["num_processes"], b["num_processes"]) == (1, 2)
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 2
+        assert a["lora"].keys() == b["lora"].keys()
+        step = {k: a["lora"][k] - a["initial"][k] for k in a["lora"]}
+        assert max(float(d.abs().max()) for d in step.values()) > 1e-3, algo  # the updates really moved the weights
+        for k in a["lora"]:
+            torch.testing.assert_close(b["initial"][k], a["initial"][k], rtol=0, atol=0)
+            torch.testing.assert_close(b["lora"][k] - b["initial"][k], step[k], rtol=1e-4, atol=1e-6,
+                                       msg=f"{algo}: {k}")
