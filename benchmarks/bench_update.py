@@ -177,8 +177,7 @@ def micro_step(ctx, algo_name: str):
         adv, adv_2 = torch.randn(bs), torch.randn(bs)
 
         def step():  # one whole pair-minibatch: the residual pass + N backward calls (reported / N)
-            lp = _trajectory_log_probs(ctx, mb.member(0), guidance)
-            lp2 = _trajectory_log_probs(ctx, mb.member(1), guidance)
+            lp, lp2 = mb.by_group(_trajectory_log_probs(ctx, mb.traj, guidance)).unbind(1)
             residual = rebel_residual(lp, old, lp2, old_2, adv, adv_2, c)
             for k in range(N):
                 with acc.accumulate(ctx.unet):
