@@ -33,8 +33,9 @@ PRESET ?= tiny
 reproduce-tables: $(STAMP)  ## the comparison (experiments/specs/$(PRESET).yaml): launch missing runs, then tables + plots; QUICK=1: one seed
 	$(PY) -m align_bench.study experiments/specs/$(PRESET).yaml $(if $(QUICK),--quick)
 
-bench: $(STAMP)  ## speed and memory measurements (not tests)
-	$(PY) benchmarks/run_all.py
+BENCH_ARGS ?=
+bench: $(STAMP)  ## speed and memory as ratios to stock diffusers / the compute floor → benchmarks/results/<machine>.md (BENCH_ARGS=--quick)
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 gpu-smoke: $(STAMP)  ## one DDPO update of each real model × reward (needs a GPU + checkpoints; says what it skipped)
 	$(PY) -m pip install -q -e ".[rewards]"

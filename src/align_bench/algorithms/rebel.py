@@ -156,9 +156,9 @@ def train_epoch(ctx, state: dict, epoch: int) -> dict:
             idx = perm[start:start + bs]
             mb = pairs.select(idx)
             dev = idx.to(adv.device)
-            # residual with the current weights (no grad), then one backward per step through both members at once
-            lp = _trajectory_log_probs(ctx, mb.member(0), guidance)
-            lp2 = _trajectory_log_probs(ctx, mb.member(1), guidance)
+            # residual with the current weights (no grad), then one backward per step; both members in one UNet
+            # call each time (member-major: y at [0, bs), y′ at [bs, 2bs))
+            lp, lp2 = mb.by_group(_trajectory_log_probs(ctx, mb.traj, guidance)).unbind(1)
             residual = rebel_residual(lp, old[dev], lp2, old_2[dev], adv[dev], adv_2[dev], c)
             grad_norm = None
             for k in range(N):
