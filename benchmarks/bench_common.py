@@ -61,6 +61,12 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def markdown_table(headers: list[str], rows: list[list[object]]) -> list[str]:
+    """The lines of a Markdown table: a header row, the rule, one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [line(headers), "|" + "---|" * len(headers), *map(line, rows)]
+
+
 # ------------------------------------------------------------------------------------------------------ models
 @dataclass
 class Bench:

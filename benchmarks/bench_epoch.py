@@ -18,6 +18,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench_common import markdown_table
+
 CATEGORIES = ("sampling", "decode", "reward", "reference", "log-prob fwd", "backward", "bookkeeping")
 
 
@@ -93,10 +95,8 @@ def measure(algos: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = " | ".join(CATEGORIES)
-    out = [f"| algorithm | model | epoch | images | {head} |", "|---|---|---|---|" + "---|" * len(CATEGORIES)]
-    for r in rows:
-        cells = " | ".join(f"{100 * r['shares'][c] / r['total_s']:.0f} %" if r["shares"][c] > 0 else "—"
-                           for c in CATEGORIES)
-        out.append(f"| {r['algo']} | {r['model']} | {r['total_s']:.2f} s | {r['images']} | {cells} |")
-    return out
+    return markdown_table(
+        ["algorithm", "model", "epoch", "images", *CATEGORIES],
+        [[r["algo"], r["model"], f"{r['total_s']:.2f} s", r["images"],
+          *(f"{100 * r['shares'][c] / r['total_s']:.0f} %" if r["shares"][c] > 0 else "—" for c in CATEGORIES)]
+         for r in rows])

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import ROOT
+from bench_common import ROOT, markdown_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,13 +60,9 @@ def measure(algos: list[str], threads: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    out = ["| algorithm | model | **epoch peak above loaded (MiB)** | process peak RSS, loading included (MiB) | "
-           "RSS after load (MiB) |",
-           "|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['algo']} | — | failed | | |")
-            continue
-        out.append(f"| {r['algo']} | {r['model']} | **{r['above_loaded_mib']:.0f}** | {r['peak_rss_mib']:.0f} | "
-                   f"{r['loaded_rss_mib']:.0f} |")
-    return out
+    return markdown_table(
+        ["algorithm", "model", "**epoch peak above loaded (MiB)**", "process peak RSS, loading included (MiB)",
+         "RSS after load (MiB)"],
+        [[r["algo"], "—", "failed", "", ""] if "error" in r else
+         [r["algo"], r["model"], f"**{r['above_loaded_mib']:.0f}**", f"{r['peak_rss_mib']:.0f}",
+          f"{r['loaded_rss_mib']:.0f}"] for r in rows])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import PROMPTS, interleaved
+from bench_common import PROMPTS, interleaved, markdown_table
 
 PLAIN = ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "tiny_aesthetic", "tiny_pickscore",
          "tiny_spm", "tiny_colour_accuracy", "tiny_shape_accuracy", "tiny_true_aesthetic", "combo")
@@ -55,11 +55,10 @@ def measure(batch: int, sizes: dict[str, int], repeats: int, budget_s: float | N
 
 
 def table(rows: list[dict], skipped: list) -> list[str]:
-    out = ["| reward | weights | image size | batch | **images/s** | per batch | differentiable |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['reward']} | {r['kind']} | {r['size']}² | {r['batch']} | **{r['ips']:.0f}** | "
-                   f"{r['s'] * 1e3:.1f} ms | {'yes' if r['differentiable'] else 'no'} |")
+    out = markdown_table(
+        ["reward", "weights", "image size", "batch", "**images/s**", "per batch", "differentiable"],
+        [[r["reward"], r["kind"], f"{r['size']}²", r["batch"], f"**{r['ips']:.0f}**", f"{r['s'] * 1e3:.1f} ms",
+          "yes" if r["differentiable"] else "no"] for r in rows])
     if skipped:
         out.append(f"\nNot measured (no offline replica builder): {', '.join(skipped)}.")
     return out

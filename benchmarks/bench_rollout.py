@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bench_common import PROMPTS, Bench, fmt_s, interleaved, ratio
+from bench_common import PROMPTS, Bench, fmt_s, interleaved, markdown_table, ratio
 
 
 def measure(bench: Bench, batch: int, steps: list[int], repeats: int, guidance: float = 5.0,
@@ -39,9 +39,7 @@ def measure(bench: Bench, batch: int, steps: list[int], repeats: int, guidance: 
 
 
 def table(rows: list[dict]) -> list[str]:
-    out = ["| model | batch | steps | **align_bench / stock** | align_bench | stock pipeline | per step (ours) |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['model']} | {r['batch']} | {r['steps']} | **{ratio(r['ours_s'], r['stock_s'])}** | "
-                   f"{fmt_s(r['ours_s'])} | {fmt_s(r['stock_s'])} | {fmt_s(r['ours_s'] / r['steps'])} |")
-    return out
+    return markdown_table(
+        ["model", "batch", "steps", "**align_bench / stock**", "align_bench", "stock pipeline", "per step (ours)"],
+        [[r["model"], r["batch"], r["steps"], f"**{ratio(r['ours_s'], r['stock_s'])}**", fmt_s(r["ours_s"]),
+          fmt_s(r["stock_s"]), fmt_s(r["ours_s"] / r["steps"])] for r in rows])

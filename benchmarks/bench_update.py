@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bench_common import fmt_s, interleaved
+from bench_common import fmt_s, interleaved, markdown_table
 
 ALGOS = ("ddpo", "grpo", "d3po", "rebel", "sdpo", "spo", "alignprop")
 
@@ -274,9 +274,7 @@ def _guidance_desc(ctx) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    out = ["| algorithm | model | UNet batch | guidance | **micro-step / floor** | micro-step | floor | what |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['algo']} | {r['model']} | {r['batch']} | {r['guidance']} | **{r['ratio']:.3f}×** | "
-                   f"{fmt_s(r['step_s'])} | {fmt_s(r['floor_s'])} | {r['note']} |")
-    return out
+    return markdown_table(
+        ["algorithm", "model", "UNet batch", "guidance", "**micro-step / floor**", "micro-step", "floor", "what"],
+        [[r["algo"], r["model"], r["batch"], r["guidance"], f"**{r['ratio']:.3f}×**", fmt_s(r["step_s"]),
+          fmt_s(r["floor_s"]), r["note"]] for r in rows])
