@@ -94,12 +94,17 @@ def run_dir(spec: Spec, preset: str, seed: int) -> Path:
     return spec.runs / preset / f"seed{seed}"
 
 
-def is_finished(path: Path) -> bool:
-    """metrics.json exists, parses and holds the final eval (the runner writes it last)."""
+def finished_metrics(path: Path) -> dict | None:
+    """The run's metrics.json if it exists, parses and holds the final eval (the runner writes it last), else None."""
     try:
-        return "final" in json.loads((path / "metrics.json").read_text()).get("eval", {})
+        metrics = json.loads((path / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return metrics if "final" in metrics.get("eval", {}) else None
+
+
+def is_finished(path: Path) -> bool:
+    return finished_metrics(path) is not None
 
 
 def missing_runs(spec: Spec) -> dict[str, list[int]]:
@@ -196,10 +201,10 @@ def tuning_specs(spec: Spec) -> dict[str, Spec]:
 
 def training_score(path: Path, last: int) -> float | None:
     """Mean training reward (the training prompts' own) over the last `last` epochs of a finished run."""
-    if not is_finished(path):
+    metrics = finished_metrics(path)
+    if metrics is None:
         return None
-    curve = [t["reward_mean"] for t in json.loads((path / "metrics.json").read_text())["train"]
-             if t.get("reward_mean") is not None]
+    curve = [t["reward_mean"] for t in metrics["train"] if t.get("reward_mean") is not None]
     return sum(curve[-last:]) / len(curve[-last:]) if curve else None
 
 
