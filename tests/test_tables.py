@@ -275,6 +275,7 @@ def test_tuning_tries_every_preset_at_each_value_and_selects_by_training_reward(
     assert list(subs) == ["0.001", "0.003"] and subs["0.003"].seeds == [0]
     assert subs["0.003"].overrides[-2:] == ["eval.base=false", "algo.train.learning_rate=0.003"]
     assert not str(subs["0.001"].runs).startswith(str(spec.runs))  # never aggregated into the tables
+    assert "=" not in str(subs["0.001"].runs)  # it is passed as hydra.sweep.dir=<path>: an '=' breaks the override
     cmds = study.tune(spec, dry_run=True)
     assert cmds == {}
     curves = {("tiny_ddpo", "0.001"): [9.0, 1.0, 2.0], ("tiny_ddpo", "0.003"): [0.0, 3.0, 2.0],

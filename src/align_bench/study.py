@@ -186,11 +186,12 @@ def run_sweep(cmd: list[str], env: dict, grace_s: float = 120.0) -> None:
 
 # ------------------------------------------------------------------------------------------------ tuning
 def tuning_specs(spec: Spec) -> dict[str, Spec]:
-    """{value: the sub-study that tries every preset at key=value} under <runs>/../tuning/<key>=<value>."""
+    """{value: the sub-study that tries every preset at key=value} under <runs>/../tuning/<leaf key>_<value> (no '='
+    in the name: it goes into a hydra.sweep.dir override)."""
     t = spec.tune
     out = {}
     for value in t["values"]:
-        tag = f"{t['key'].rsplit('.', 1)[-1]}={value}"
+        tag = f"{t['key'].rsplit('.', 1)[-1]}_{value}"
         out[str(value)] = Spec(name=f"{spec.name}-tune-{tag}", runs=spec.runs.parent / "tuning" / tag,
                                results=spec.results, presets=spec.presets,
                                seeds=[int(s) for s in t.get("seeds", [0])],
